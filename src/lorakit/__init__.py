@@ -1,0 +1,20 @@
+"""lorakit: Low-Rank Adaptation (Hu et al. 2021) for PyTorch models.
+
+    cfg = lorakit.LoraConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"])
+    model = lorakit.inject(model, cfg)            # in place; freezes everything but the adapter
+    lorakit.save_adapter(model, "out/adapter")    # PEFT layout, loadable by PEFT
+"""
+
+from .adapters import active_adapters, adapter_names, disabled, merge, switch, trainable_parameters, unmerge, use
+from .config import ConfigError, LoraConfig
+from .inject import delete_adapter, inject, unload
+from .io import AdapterFileError, load_adapter, save_adapter
+from .layers import LoraLayer, MergeError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoraConfig", "inject", "save_adapter", "load_adapter", "use", "disabled", "merge", "unmerge",
+    "switch", "unload", "trainable_parameters", "delete_adapter", "active_adapters", "adapter_names",
+    "LoraLayer", "ConfigError", "AdapterFileError", "MergeError",
+]

@@ -1,0 +1,108 @@
+"""Named adapters on one model: which are active, base behaviour on demand, merge/unmerge and
+task switching (Hu et al. 2021, §4.2: W = W0 + BA for deployment; recover W0 by subtracting BA
+and add B'A' to switch tasks)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .inject import lora_modules, lora_state
+from .layers import LoraLayer, MergeError
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Every adapter on the model, in the order they were added."""
+    state = model.__dict__.get("lora_state")
+    return list(state.configs) if state else []
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    return list(lora_state(model).active)
+
+
+def use(model: nn.Module, names: str | Sequence[str]) -> None:
+    """Make ``names`` the active adapter(s); several active adapters add their outputs.
+
+    An adapter that is merged but no longer active is unmerged, so the weights never hold an
+    adapter the forward does not use.
+    """
+    state = lora_state(model)
+    names = [names] if isinstance(names, str) else list(names)
+    unknown = [n for n in names if n not in state.configs]
+    if unknown:
+        raise KeyError(f"no adapter named {unknown} on this model; it has {list(state.configs)}")
+    for _, module in lora_modules(model):
+        if isinstance(module, LoraLayer):
+            module.unmerge([m for m in module.merged_adapters if m not in names])
+        module.set_active(names)
+    state.active = names
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block the model computes exactly what the base model computes. Merged adapters
+    are unmerged on entry and merged back on exit."""
+    modules = [m for _, m in lora_modules(model)]
+    merged = {id(m): list(m.merged_adapters) for m in modules if isinstance(m, LoraLayer)}
+    for m in modules:
+        if isinstance(m, LoraLayer):
+            m.unmerge()
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m in modules:
+            m.disabled = False
+            if isinstance(m, LoraLayer):
+                m.merge(merged[id(m)])
+
+
+def merge(model: nn.Module, *, safe: bool = True) -> None:
+    """Fold the active adapters into the base weights, so inference costs what the base model
+    costs. Idempotent: merging again adds nothing. ``safe`` checks for non-finite values before
+    anything is written."""
+    layers = [m for _, m in lora_modules(model) if isinstance(m, LoraLayer)]
+    if safe:  # check every layer first, so a bad adapter leaves no layer half-merged
+        for layer in layers:
+            for name in layer.active_adapters:
+                if name not in layer.merged_adapters:
+                    _check_finite(layer, name)
+    for layer in layers:
+        layer.merge(safe=False)
+
+
+def _check_finite(layer: LoraLayer, name: str) -> None:
+    delta = layer.delta_weight(name)
+    if not torch.isfinite(delta).all() or not torch.isfinite(layer.base_weight.float() + delta.float()).all():
+        raise MergeError(f"{layer.module_name}: merging adapter {name!r} would write non-finite values "
+                         f"into the base weight; nothing was merged")
+
+
+def unmerge(model: nn.Module) -> None:
+    """Subtract every merged adapter from the base weights (W0 = W − BA)."""
+    for _, module in lora_modules(model):
+        if isinstance(module, LoraLayer):
+            module.unmerge()
+
+
+def switch(model: nn.Module, name: str | Sequence[str]) -> None:
+    """Task switching on a merged model: subtract the merged adapter(s), add ``name``'s, in place."""
+    use(model, name)  # unmerges what is no longer active
+    merge(model)
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; shared (tied) tensors are counted once."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total

@@ -1,0 +1,217 @@
+"""LoraConfig: what to adapt and how, and its mapping to PEFT's ``adapter_config.json``.
+
+The field names follow the paper where PEFT does not force a name (``alpha`` for α); the JSON
+written to disk uses PEFT's names so that PEFT reads it (``lora_alpha``, ``lora_dropout``, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+# Module-name components under which transformers models keep their repeated blocks; the number
+# after one of them is the layer index that `layers_to_transform` refers to (as in PEFT).
+LAYER_CONTAINERS = ("layers", "h", "block", "blocks", "layer")
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:%s)\.(\d+)(?:\.|$)" % "|".join(LAYER_CONTAINERS))
+
+ALL_LINEAR = "all-linear"
+BIAS_MODES = ("none", "all", "lora_only")
+INIT_MODES = ("kaiming", "gaussian")
+
+
+class ConfigError(ValueError):
+    """A LoraConfig that cannot be used as given."""
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """How to adapt a model (Hu et al. 2021, §4.1).
+
+    Args:
+        r: rank of ΔW = B·A.
+        alpha: α in the scaling s = α / r (or α / √r with ``use_rslora``).
+        dropout: dropout applied to the adapter's input only, never to the base path.
+        target_modules: a list of module names, each matching exactly or as a dotted suffix
+            (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``); a string is a regular
+            expression that must match the whole module name; ``"all-linear"`` adapts every
+            linear layer except the output head.
+        exclude_modules: names (list: exact or dotted suffix) or a regex (string) never adapted.
+        rank_pattern / alpha_pattern: ``{regex: value}``; a module whose name ends with a match of
+            the regex gets that rank / alpha instead of ``r`` / ``alpha`` (PEFT's semantics).
+        layers_to_transform: adapt only blocks with these indices (``layers.N``, ``h.N``, ...).
+        bias: ``"none"``, ``"all"`` (every bias of the model trains) or ``"lora_only"`` (biases
+            of adapted layers train).
+        modules_to_save: modules trained in full beside the adapter (e.g. a classifier head);
+            same matching rules as a list of ``target_modules``.
+        fused_projections: ``{module name: [bool, ...]}`` for a layer whose output stacks equal
+            projections (GPT-2's ``c_attn`` = q|k|v); only the slices marked True get an adapter.
+            The paper adapts q and v inside ``c_attn``: ``{"c_attn": [True, False, True]}``.
+        use_rslora: scale by α/√r (Kalajdzievski 2023), which keeps updates stable across ranks.
+        init: ``"kaiming"`` (A kaiming-uniform, as PEFT and the reference code) or ``"gaussian"``
+            (A ~ N(0, 1/r), the paper's §4.1 wording); B = 0 either way.
+    """
+
+    r: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    target_modules: Sequence[str] | str = ("q_proj", "v_proj")
+    exclude_modules: Sequence[str] | str | None = None
+    rank_pattern: Mapping[str, int] = field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+    layers_to_transform: Sequence[int] | None = None
+    bias: str = "none"
+    modules_to_save: Sequence[str] | None = None
+    fused_projections: Mapping[str, Sequence[bool]] = field(default_factory=dict)
+    use_rslora: bool = False
+    init: str = "kaiming"
+
+    def __post_init__(self) -> None:
+        # Lists become tuples so the frozen config is hashable and cannot change under a model.
+        for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_to_transform"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                object.__setattr__(self, name, tuple(value))
+        object.__setattr__(self, "fused_projections",
+                           {k: tuple(bool(b) for b in v) for k, v in dict(self.fused_projections).items()})
+        object.__setattr__(self, "rank_pattern", dict(self.rank_pattern))
+        object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern))
+        self._validate()
+
+    def _validate(self) -> None:
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ConfigError(f"r must be a positive integer, got {self.r!r}")
+        if not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise ConfigError(f"alpha must be a positive number, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not self.target_modules:
+            raise ConfigError("target_modules is empty: name the modules to adapt, "
+                              "e.g. ['q_proj', 'v_proj'] or 'all-linear'")
+        if self.bias not in BIAS_MODES:
+            raise ConfigError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
+        if self.init not in INIT_MODES:
+            raise ConfigError(f"init must be one of {INIT_MODES}, got {self.init!r}")
+        for pattern, rank in self.rank_pattern.items():
+            if not isinstance(rank, int) or rank <= 0:
+                raise ConfigError(f"rank_pattern[{pattern!r}] must be a positive integer, got {rank!r}")
+        for pattern in [*self.rank_pattern, *self.alpha_pattern]:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"pattern {pattern!r} is not a valid regular expression: {e}") from None
+        if isinstance(self.target_modules, str) and self.target_modules != ALL_LINEAR:
+            try:
+                re.compile(self.target_modules)
+            except re.error as e:
+                raise ConfigError(f"target_modules {self.target_modules!r} is a string, so it is read as a "
+                                  f"regular expression, and it is not a valid one: {e}") from None
+        for name, mask in self.fused_projections.items():
+            if len(mask) < 2 or not any(mask):
+                raise ConfigError(f"fused_projections[{name!r}] must list >= 2 slices with at least one "
+                                  f"True, got {list(mask)}")
+
+    # --- per-module values -------------------------------------------------------------------
+
+    def rank_for(self, module_name: str) -> int:
+        return _pattern_value(self.rank_pattern, module_name, self.r)
+
+    def alpha_for(self, module_name: str) -> float:
+        return _pattern_value(self.alpha_pattern, module_name, self.alpha)
+
+    def scaling(self, r: int, alpha: float) -> float:
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def replace(self, **changes: Any) -> "LoraConfig":
+        return dataclasses.replace(self, **changes)
+
+    # --- PEFT adapter_config.json ------------------------------------------------------------
+
+    def to_peft_dict(self, *, fan_in_fan_out: bool = False,
+                     base_model_name_or_path: str | None = None) -> dict[str, Any]:
+        """The fields PEFT's LoraConfig reads, under PEFT's names."""
+        targets = self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules)
+        excluded = self.exclude_modules if isinstance(self.exclude_modules, (str, type(None))) \
+            else list(self.exclude_modules)
+        return {
+            "peft_type": "LORA",
+            "task_type": None,
+            "base_model_name_or_path": base_model_name_or_path,
+            "r": self.r,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "target_modules": targets,
+            "exclude_modules": excluded,
+            "rank_pattern": dict(self.rank_pattern),
+            "alpha_pattern": dict(self.alpha_pattern),
+            "layers_to_transform": list(self.layers_to_transform) if self.layers_to_transform else None,
+            "layers_pattern": None,
+            "bias": self.bias,
+            "modules_to_save": list(self.modules_to_save) if self.modules_to_save else None,
+            "fan_in_fan_out": fan_in_fan_out,
+            "use_rslora": self.use_rslora,
+            "init_lora_weights": True if self.init == "kaiming" else "gaussian",
+            "use_dora": False,
+            "inference_mode": True,
+        }
+
+    @classmethod
+    def from_peft_dict(cls, d: Mapping[str, Any], *, source: str = "adapter_config.json") -> "LoraConfig":
+        """Read PEFT's JSON; refuse what lorakit cannot reproduce rather than load it wrongly."""
+        peft_type = d.get("peft_type")
+        if peft_type != "LORA":
+            raise ConfigError(f"{source}: peft_type is {peft_type!r}; lorakit reads LoRA adapters only "
+                              f"(peft_type 'LORA')")
+        for flag in ("use_dora", "use_qalora", "use_bdlora", "lora_bias"):
+            if d.get(flag):
+                raise ConfigError(f"{source}: {flag}=true is a LoRA variant lorakit does not implement")
+        if d.get("layers_pattern") and d.get("layers_pattern") not in (list(LAYER_CONTAINERS), *LAYER_CONTAINERS):
+            raise ConfigError(f"{source}: layers_pattern {d['layers_pattern']!r} is not supported; "
+                              f"lorakit finds layer indices under {LAYER_CONTAINERS}")
+        targets = d.get("target_modules")
+        if targets is None:
+            raise ConfigError(f"{source}: target_modules is missing")
+        init = d.get("init_lora_weights", True)
+        layers = d.get("layers_to_transform")
+        if isinstance(layers, int):
+            layers = [layers]
+        try:
+            return cls(
+                r=int(d.get("r", 8)),
+                alpha=float(d.get("lora_alpha", 8)),
+                dropout=float(d.get("lora_dropout") or 0.0),
+                target_modules=targets if isinstance(targets, str) else list(targets),
+                exclude_modules=d.get("exclude_modules"),
+                rank_pattern=d.get("rank_pattern") or {},
+                alpha_pattern=d.get("alpha_pattern") or {},
+                layers_to_transform=layers,
+                bias=d.get("bias", "none"),
+                modules_to_save=d.get("modules_to_save"),
+                use_rslora=bool(d.get("use_rslora", False)),
+                init="gaussian" if init == "gaussian" else "kaiming",
+            )
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+
+def _pattern_value(patterns: Mapping[str, Any], module_name: str, default: Any) -> Any:
+    # PEFT: a key applies when the module name ends with a match of it, at a dot boundary.
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?(?:{pattern})$", module_name):
+            return value
+    return default
+
+
+def layer_index(module_name: str) -> int | None:
+    """The block index in a name like ``model.layers.3.mlp.up_proj`` (3), or None."""
+    m = _LAYER_INDEX.search(module_name)
+    return int(m.group(1)) if m else None
+
+
+def name_matches(module_name: str, names: Sequence[str] | str) -> bool:
+    """A list matches a name exactly or as a dotted suffix; a string is a full-match regex."""
+    if isinstance(names, str):
+        return re.fullmatch(names, module_name) is not None
+    return any(module_name == n or module_name.endswith("." + n) for n in names)

@@ -1,0 +1,255 @@
+"""Which modules a config adapts; wrapping them in LoRA layers; taking the wrappers off again."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .config import ALL_LINEAR, ConfigError, LoraConfig, layer_index, name_matches
+from .layers import LoraFusedLinear, LoraLayer, TrainableCopy, is_dense, lora_class_for
+
+
+@dataclass
+class LoraState:
+    """What lorakit remembers on an injected model: each adapter's config, the active adapters,
+    and which parameters were trainable before the first injection (restored by ``unload``)."""
+
+    configs: dict[str, LoraConfig] = field(default_factory=dict)
+    active: list[str] = field(default_factory=list)
+    requires_grad: dict[str, bool] = field(default_factory=dict)
+
+
+def lora_state(model: nn.Module) -> LoraState:
+    state = model.__dict__.get("lora_state")
+    if state is None:
+        raise ValueError("this model has no LoRA adapters; call lorakit.inject(model, config) or "
+                         "lorakit.load_adapter(model, path) first")
+    return state
+
+
+def lora_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) for every LoraLayer and TrainableCopy, found by type."""
+    for name, module in walk(model):
+        if isinstance(module, (LoraLayer, TrainableCopy)):
+            yield name, module
+
+
+def walk(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """named_modules() that does not look inside LoRA wrappers, so a wrapped layer is seen under
+    its own name (``...q_proj``) and never as ``...q_proj.base_layer``."""
+    for child_name, child in model.named_children():
+        name = f"{prefix}.{child_name}" if prefix else child_name
+        yield name, child
+        if not isinstance(child, (LoraLayer, TrainableCopy)):
+            yield from walk(child, name)
+
+
+def _base_of(module: nn.Module) -> nn.Module:
+    if isinstance(module, LoraLayer):
+        return module.base_layer
+    if isinstance(module, TrainableCopy):
+        return module.original_module
+    return module
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return _base_of(head) if head is not None else None
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
+    """The modules ``config`` adapts, as (name, module); raises when there are none, or when a
+    name given matches a module lorakit cannot adapt."""
+    head = _output_head(model)
+    saved = config.modules_to_save or ()
+    targets = []
+    for name, module in walk(model):
+        base = _base_of(module)
+        if config.target_modules == ALL_LINEAR:
+            if not is_dense(base) or base is head or (saved and name_matches(name, saved)):
+                continue
+        elif not name_matches(name, config.target_modules):
+            continue
+        if config.exclude_modules and name_matches(name, config.exclude_modules):
+            continue
+        if config.layers_to_transform is not None and layer_index(name) not in config.layers_to_transform:
+            continue
+        if isinstance(module, TrainableCopy) or lora_class_for(base) is None:
+            raise ConfigError(f"target_modules matches {name!r}, a {type(base).__name__}; lorakit adapts "
+                              f"nn.Linear, transformers Conv1D, nn.Embedding and nn.Conv1d/2d/3d only")
+        targets.append((name, module))
+    if not targets:
+        raise ConfigError(f"target_modules={config.target_modules!r} matches no module of this "
+                          f"{type(model).__name__}; modules it could adapt: {candidate_names(model)}")
+    if isinstance(config.target_modules, (list, tuple)):
+        unused = [t for t in config.target_modules if not any(name_matches(n, [t]) for n, _ in targets)]
+        if unused:
+            warnings.warn(f"target_modules entries {unused} match no module; adapting the others", stacklevel=3)
+    for key in config.fused_projections:
+        if not any(name_matches(n, [key]) for n, _ in targets):
+            raise ConfigError(f"fused_projections names {key!r}, which target_modules does not select; "
+                              f"add it to target_modules")
+    return targets
+
+
+def candidate_names(model: nn.Module, limit: int = 30) -> list[str]:
+    """Short names (last component, deduplicated) of the modules lorakit could adapt."""
+    names = []
+    for name, module in walk(model):
+        short = name.rsplit(".", 1)[-1]
+        if lora_class_for(_base_of(module)) is not None and short not in names:
+            names.append(short)
+    return names[:limit]
+
+
+def inject(model: nn.Module, config: LoraConfig, name: str = "default", *,
+           dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Add adapter ``name`` to the modules ``config`` selects, in place, and freeze the rest.
+
+    Only the new adapter (plus the biases chosen by ``config.bias`` and its ``modules_to_save``)
+    is left trainable. The adapter becomes active when no adapter was active before; otherwise
+    the active set is left alone (choose with ``lorakit.use``). Returns ``model``.
+    """
+    state = model.__dict__.get("lora_state")
+    if state is not None and name in state.configs:
+        raise ValueError(f"adapter {name!r} is already on this model; delete it first or pick another name")
+    targets = find_targets(model, config)
+    saved_targets = _find_saved(model, config)
+    if state is None:
+        state = LoraState(requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
+        model.__dict__["lora_state"] = state
+
+    added: list[nn.Module] = []
+    try:
+        for module_name, module in targets:
+            layer = _wrap(model, module_name, module, config)
+            layer.add_adapter(name, config.rank_for(module_name), config.alpha_for(module_name), config.dropout,
+                              use_rslora=config.use_rslora, init=config.init, dtype=dtype)
+            added.append(layer)
+        for module_name, module in saved_targets:
+            wrapper = module if isinstance(module, TrainableCopy) else _replace(model, module_name,
+                                                                                TrainableCopy(module, module_name))
+            wrapper.add_adapter(name)
+            added.append(wrapper)
+    except Exception:
+        for layer in added:  # leave the model as it was
+            layer.delete_adapter(name)
+        _drop_empty_wrappers(model)
+        if not state.configs:
+            del model.__dict__["lora_state"]
+        raise
+
+    state.configs[name] = config
+    if not state.active:
+        state.active = [name]
+    for _, module in lora_modules(model):
+        module.set_active(state.active)
+    _freeze_all_but(model, name, config)
+    return model
+
+
+def _find_saved(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
+    if not config.modules_to_save:
+        return []
+    found = [(n, m) for n, m in walk(model) if name_matches(n, config.modules_to_save)
+             and not isinstance(m, LoraLayer)]
+    missing = [s for s in config.modules_to_save if not any(name_matches(n, [s]) for n, _ in found)]
+    if missing:
+        raise ConfigError(f"modules_to_save entries {missing} match no module of this {type(model).__name__}")
+    return found
+
+
+def _wrap(model: nn.Module, module_name: str, module: nn.Module, config: LoraConfig) -> LoraLayer:
+    slices = next((v for k, v in config.fused_projections.items() if name_matches(module_name, [k])), None)
+    if isinstance(module, LoraLayer):
+        existing = getattr(module, "slices", None)
+        if (slices is None) != (existing is None) or (slices is not None and tuple(slices) != existing):
+            raise ConfigError(f"{module_name} already carries adapters with fused slices {existing}; "
+                              f"a new adapter there must use the same (got {slices})")
+        return module
+    if slices is not None:
+        if not is_dense(module):
+            raise ConfigError(f"fused_projections names {module_name}, a {type(module).__name__}; "
+                              f"fused projections must be nn.Linear or Conv1D")
+        layer = LoraFusedLinear(module, slices, module_name)
+    else:
+        layer = lora_class_for(module)(module, module_name)
+    return _replace(model, module_name, layer)
+
+
+def _replace(model: nn.Module, module_name: str, new: nn.Module) -> nn.Module:
+    parent_name, _, child = module_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+    return new
+
+
+def _freeze_all_but(model: nn.Module, name: str, config: LoraConfig) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, module in lora_modules(model):
+        if isinstance(module, LoraLayer) and name in module.lora_A:
+            module.lora_A[name].requires_grad_(True)
+            module.lora_B[name].requires_grad_(True)
+            if config.bias == "lora_only" and getattr(module.base_layer, "bias", None) is not None:
+                module.base_layer.bias.requires_grad_(True)
+        elif isinstance(module, TrainableCopy) and name in module.modules_to_save:
+            module.modules_to_save[name].requires_grad_(True)
+    if config.bias == "all":
+        for param_name, p in model.named_parameters():
+            if param_name == "bias" or param_name.endswith(".bias"):
+                p.requires_grad_(True)
+
+
+def _drop_empty_wrappers(model: nn.Module) -> None:
+    for module_name, module in list(lora_modules(model)):
+        if not module.adapter_names:
+            _replace(model, module_name, _base_of(module))
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` (unmerging it first if merged); layers left with no adapter go back
+    to their base module."""
+    state = lora_state(model)
+    if name not in state.configs:
+        raise KeyError(f"no adapter {name!r} on this model; it has {list(state.configs)}")
+    for _, module in lora_modules(model):
+        if name in module.adapter_names:
+            module.delete_adapter(name)
+    _drop_empty_wrappers(model)
+    del state.configs[name]
+    state.active = [a for a in state.active if a != name]
+    if not state.configs:
+        _restore_requires_grad(model, state)
+        del model.__dict__["lora_state"]
+
+
+def unload(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Take every LoRA module off. ``merge=True`` folds the active adapters into the base weights
+    (and keeps the active trainable copies); ``merge=False`` restores the base model exactly as it
+    was, up to float rounding of earlier merges. Returns the plain model."""
+    state = lora_state(model)
+    for module_name, module in list(lora_modules(model)):
+        if isinstance(module, LoraLayer):
+            if merge:
+                module.merge(module.active_adapters)
+                unmerge_rest = [a for a in module.merged_adapters if a not in module.active_adapters]
+                module.unmerge(unmerge_rest)
+            else:
+                module.unmerge()
+            _replace(model, module_name, module.base_layer)
+        else:
+            _replace(model, module_name, module.current() if merge else module.original_module)
+    _restore_requires_grad(model, state)
+    del model.__dict__["lora_state"]
+    return model
+
+
+def _restore_requires_grad(model: nn.Module, state: LoraState) -> None:
+    for param_name, p in model.named_parameters():
+        p.requires_grad_(state.requires_grad.get(param_name, True))

@@ -1,0 +1,146 @@
+"""LoraLayer: a frozen base layer plus any number of named adapters (A, B, scaling, dropout).
+
+Subclasses say how an adapter's A and B are shaped and initialised, how its output is computed
+and how ΔW looks in the base weight's layout; this class owns the bookkeeping that is the same
+for every kind: which adapters exist, which are active, which are merged into the base weight.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch import nn
+
+
+class MergeError(RuntimeError):
+    """Merging would write non-finite values into a base weight."""
+
+
+class LoraLayer(nn.Module):
+    """Wraps ``base_layer``; its forward is ``base(x) + Σ_active s·B·A·dropout(x)``."""
+
+    def __init__(self, base_layer: nn.Module, module_name: str = "") -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.module_name = module_name  # for error messages only
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.rank: dict[str, int] = {}
+        self.alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+
+    # --- what each layer kind defines ---------------------------------------------------------
+
+    def adapter_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of (A, B) for rank r."""
+        raise NotImplementedError
+
+    def adapter_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """s·B·A·dropout(x) for one adapter, in the adapter's dtype."""
+        raise NotImplementedError
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """ΔW of one adapter in the base weight's layout, in the adapter's dtype."""
+        raise NotImplementedError
+
+    def init_adapter(self, name: str, init: str) -> None:
+        """§4.1: B = 0, so ΔW = 0 and the adapted model equals the base model at step 0."""
+        A, B = self.lora_A[name], self.lora_B[name]
+        with torch.no_grad():
+            if init == "gaussian":
+                nn.init.normal_(A, std=1.0 / self.rank[name])
+            else:  # the reference implementation's choice, also PEFT's default
+                nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            nn.init.zeros_(B)
+
+    # --- adapters ------------------------------------------------------------------------------
+
+    @property
+    def base_weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, *,
+                    use_rslora: bool = False, init: str = "kaiming",
+                    dtype: torch.dtype = torch.float32) -> None:
+        if name in self.lora_A:
+            raise ValueError(f"{self.module_name}: adapter {name!r} already exists; delete it first "
+                             f"or pick another name")
+        shape_a, shape_b = self.adapter_shapes(r)
+        device = self.base_weight.device
+        self.lora_A[name] = nn.Parameter(torch.empty(shape_a, dtype=dtype, device=device))
+        self.lora_B[name] = nn.Parameter(torch.empty(shape_b, dtype=dtype, device=device))
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.rank[name] = r
+        self.alpha[name] = alpha
+        self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.init_adapter(name, init)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            self.unmerge([name])
+        for table in (self.lora_A, self.lora_B, self.lora_dropout):
+            del table[name]
+        for table in (self.rank, self.alpha, self.scaling):
+            del table[name]
+        if name in self.active_adapters:
+            self.active_adapters.remove(name)
+
+    def set_active(self, names: Iterable[str]) -> None:
+        self.active_adapters = [n for n in names if n in self.lora_A]
+
+    # --- forward -------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        for name in self.active_adapters:
+            if name not in self.merged_adapters:  # a merged adapter is already inside W
+                result = result + self.adapter_output(x, name).to(result.dtype)
+        return result
+
+    def _input_for(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return self.lora_dropout[name](x.to(self.lora_A[name].dtype))
+
+    # --- merge / unmerge -----------------------------------------------------------------------
+
+    def merge(self, names: Iterable[str] | None = None, *, safe: bool = True) -> None:
+        """W ← W + ΔW for each named (default: active) adapter not merged yet; idempotent."""
+        for name in list(self.active_adapters if names is None else names):
+            if name in self.merged_adapters:
+                continue
+            self._add_to_weight(name, sign=+1, safe=safe)
+            self.merged_adapters.append(name)
+
+    def unmerge(self, names: Iterable[str] | None = None) -> None:
+        """W ← W − ΔW for each named (default: every merged) adapter; idempotent."""
+        for name in list(self.merged_adapters if names is None else names):
+            if name not in self.merged_adapters:
+                continue
+            self._add_to_weight(name, sign=-1, safe=False)
+            self.merged_adapters.remove(name)
+
+    @torch.no_grad()
+    def _add_to_weight(self, name: str, sign: int, safe: bool) -> None:
+        weight = self.base_weight
+        # Accumulate in at least float32 so a bf16/fp16 base rounds once, not per operation.
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        new = weight.to(acc) + sign * self.delta_weight(name).to(acc)
+        if safe and not torch.isfinite(new).all():
+            raise MergeError(f"{self.module_name}: merging adapter {name!r} would write non-finite "
+                             f"values into the base weight; the weight was left unchanged")
+        weight.copy_(new.to(weight.dtype))
+
+    def extra_repr(self) -> str:
+        adapters = ", ".join(f"{n}(r={self.rank[n]}, s={self.scaling[n]:g})" for n in self.adapter_names)
+        return f"adapters=[{adapters}], active={self.active_adapters}, merged={self.merged_adapters}"
