@@ -1,0 +1,426 @@
+"""Datasets -> token batches for LoRA fine-tuning.
+
+Three steps, each its own function so a trainer can swap one without the others:
+
+1. read: `load_examples` (or `read_jsonl`, `read_e2e`, `read_classification`) turns a file into
+   `Example`s (prompt/completion) or `ClassificationExample`s. A malformed line is an error that
+   names the file and its 1-based line, or, with `skip_bad_lines=True`, is counted in
+   `LoadResult.skipped`, so a run never drops data without saying so.
+2. tokenize: `tokenize_example` gives `input_ids` and `labels` with the prompt masked to -100, so
+   the loss covers only the completion (the LoRA paper's E2E set-up trains on the reference only).
+3. batch: `collate` pads, `pack` concatenates into fixed blocks, `Batches` shuffles with a seed
+   and can save and restore its position so a resumed run sees exactly the batches it would
+   have seen.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import numpy as np
+import torch
+
+from lorakit.demo_task import demo_task  # noqa: F401  (re-exported: the demo is one of the data sources)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100  # torch.nn.CrossEntropyLoss's default ignore_index, which HF models use
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Example:
+    """A generation example. `prompt == ""` is a plain `text` example: every token carries loss."""
+
+    prompt: str
+    completion: str
+
+
+@dataclass(frozen=True)
+class ClassificationExample:
+    """One text (or sentence pair, as in RTE) and its integer label."""
+
+    text: str
+    label: int
+    text_pair: str | None = None
+
+
+class DataFormatError(ValueError):
+    """A malformed line; `path` and `line` (1-based) say where, so the user can open the file there."""
+
+    def __init__(self, path: Path, line: int, message: str) -> None:
+        super().__init__(f"{path}, line {line}: {message}")
+        self.path, self.line = path, line
+
+
+class LoadResult(list[T]):
+    """What a reader returns: the list of examples, plus where they came from, what was skipped
+    (`skipped`: (line, reason) pairs; `n_skipped`) and, for classification, the label map.
+
+    Being a list, it goes straight into `Batches` or `split_holdout`.
+    """
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+        self.skipped: list[tuple[int, str]] = []
+        self.label_map: dict[str, int] | None = None
+
+    @property
+    def n_skipped(self) -> int:
+        return len(self.skipped)
+
+    def _bad(self, line: int, reason: str, skip: bool) -> None:
+        if not skip:
+            raise DataFormatError(self.path, line, f"{reason} (or pass skip_bad_lines=True to skip such lines)")
+        self.skipped.append((line, reason))
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(1-based number, line) pairs; blank lines are left out, so a trailing newline is no error."""
+    with open(path, encoding="utf-8", newline="") as f:
+        for number, line in enumerate(f, start=1):
+            line = line.rstrip("\r\n")
+            if line.strip():
+                yield number, line
+
+
+def _json_records(result: LoadResult[Any], skip: bool) -> Iterator[tuple[int, Any]]:
+    for number, line in _lines(result.path):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            result._bad(number, f"not valid JSON ({e.msg} at column {e.colno})", skip)
+            continue
+        yield number, record
+
+
+def read_jsonl(path: str | Path, skip_bad_lines: bool = False) -> LoadResult[Example]:
+    """JSONL with `{"prompt", "completion"}` (loss on the completion) or `{"text"}` (loss on all of it)."""
+    result: LoadResult[Example] = LoadResult(Path(path))
+    for number, record in _json_records(result, skip_bad_lines):
+        record = record if isinstance(record, dict) else {"(not an object)": record}
+        if isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
+            result.append(Example(record["prompt"], record["completion"]))
+        elif isinstance(record.get("text"), str):
+            result.append(Example("", record["text"]))
+        else:
+            result._bad(number, f'expected string "prompt" and "completion", or "text"; got keys {sorted(record)}',
+                        skip_bad_lines)
+    return result
+
+
+def read_e2e(path: str | Path, skip_bad_lines: bool = False) -> LoadResult[Example]:
+    """E2E lines `MR||reference` (the LoRA repository's format) as prompt = MR, completion = reference.
+
+    The reference's trailing space (present in every line of the released files) is stripped: the
+    completion ends with EOS, and a space before it is noise to learn.
+    """
+    result: LoadResult[Example] = LoadResult(Path(path))
+    for number, line in _lines(result.path):
+        mr, sep, reference = line.partition("||")
+        if not sep or not mr.strip() or not reference.strip():
+            result._bad(number, "expected 'MR||reference' with both parts non-empty", skip_bad_lines)
+            continue
+        result.append(Example(mr.strip(), reference.strip()))
+    return result
+
+
+def read_classification(path: str | Path, text_column: str = "sentence", label_column: str = "label",
+                        text_pair_column: str | None = None, label_map: Mapping[str, int] | None = None,
+                        delimiter: str | None = None, quoting: bool | None = None,
+                        skip_bad_lines: bool = False) -> LoadResult[ClassificationExample]:
+    """Text (or a sentence pair) + label from JSONL, CSV or TSV (with a header row), by extension.
+
+    For RTE pass `text_column="sentence1", text_pair_column="sentence2"`. Labels become ints: when
+    `label_map` is given (e.g. the train split's, for the dev split) it is used and an unknown label
+    is a bad line; otherwise labels that are all integers keep their value, and string labels
+    (`entailment`/`not_entailment`) are numbered in sorted order, so the map is the same on every
+    run. The map is returned as `LoadResult.label_map`.
+
+    `quoting` defaults to off for TSV (GLUE TSVs are unquoted and RTE's text contains `"`) and on for CSV.
+    """
+    result: LoadResult[ClassificationExample] = LoadResult(Path(path))
+    columns = [text_column] + ([text_pair_column] if text_pair_column else []) + [label_column]
+    rows: list[tuple[int, str, str | None, str]] = []  # (line, text, pair, raw label)
+
+    def take(number: int, record: Mapping[str, Any]) -> None:
+        missing = [c for c in columns if not isinstance(record.get(c), (str, int)) or record.get(c) == ""]
+        if missing:
+            result._bad(number, f"missing or empty column(s) {missing} (text and labels are strings or ints)",
+                        skip_bad_lines)
+            return
+        pair = str(record[text_pair_column]) if text_pair_column else None
+        rows.append((number, str(record[text_column]), pair, str(record[label_column]).strip()))
+
+    suffix = result.path.suffix.lower()
+    if delimiter is None and suffix in (".jsonl", ".json"):
+        for number, record in _json_records(result, skip_bad_lines):
+            take(number, record if isinstance(record, dict) else {})
+    else:
+        delimiter = delimiter or ("," if suffix == ".csv" else "\t")
+        quote = (delimiter != "\t") if quoting is None else quoting
+        with open(result.path, encoding="utf-8", newline="") as f:
+            reader = csv.reader(f, delimiter=delimiter, quoting=csv.QUOTE_MINIMAL if quote else csv.QUOTE_NONE)
+            header = next(reader, None)
+            absent = [c for c in columns if header is None or c not in header]
+            if absent:
+                raise DataFormatError(result.path, 1, f"header {header} lacks column(s) {absent}; "
+                                      "set text_column / text_pair_column / label_column")
+            for fields in reader:
+                if not any(x.strip() for x in fields):
+                    continue
+                if len(fields) != len(header):
+                    result._bad(reader.line_num, f"expected {len(header)} fields {header}, found {len(fields)}",
+                                skip_bad_lines)
+                    continue
+                take(reader.line_num, dict(zip(header, fields)))
+
+    if label_map is None:
+        raw = sorted({r[3] for r in rows})
+        numeric = all(re.fullmatch(r"-?\d+", x) for x in raw)
+        label_map = {x: int(x) if numeric else i for i, x in enumerate(raw)}
+    for number, text, pair, raw_label in rows:
+        if raw_label not in label_map:
+            result._bad(number, f"label {raw_label!r} is not in the label map {dict(label_map)}", skip_bad_lines)
+            continue
+        result.append(ClassificationExample(text, label_map[raw_label], pair))
+    result.label_map = dict(label_map)
+    return result
+
+
+def load_examples(path: str | Path, format: str = "auto", **kw: Any) -> LoadResult[Any]:
+    """Read `path` with the reader its format calls for: "jsonl", "e2e", "classification" or "auto".
+
+    "auto": `.csv`/`.tsv` are classification; `.txt` with `||` in its first line is E2E; JSONL is
+    prompt/completion/text unless a classification keyword is passed or its first record has a
+    `label` and no `prompt`/`text`.
+    """
+    path = Path(path)
+    if format == "auto":
+        first = next((line for _, line in _lines(path)), "")
+        if path.suffix.lower() in (".csv", ".tsv") or kw.keys() - {"skip_bad_lines"}:
+            format = "classification"
+        elif first.lstrip().startswith("{"):
+            keys = set(re.findall(r'"(\w+)"\s*:', first))  # enough to choose; the reader reports bad lines
+            format = "classification" if "label" in keys and not keys & {"prompt", "text"} else "jsonl"
+        elif "||" in first:
+            format = "e2e"
+        else:
+            raise ValueError(f"cannot tell the format of {path} from its name or first line; "
+                             'pass format="jsonl", "e2e" or "classification"')
+    readers: dict[str, Callable[..., LoadResult[Any]]] = {
+        "jsonl": read_jsonl, "e2e": read_e2e, "classification": read_classification}
+    if format not in readers:
+        raise ValueError(f"unknown format {format!r}; choose one of {['auto', *readers]}")
+    return readers[format](path, **kw)
+
+
+def split_holdout(examples: Sequence[T], fraction: float = 0.05, seed: int = 0,
+                  group_by: Callable[[T], Hashable] | None = None) -> tuple[list[T], list[T]]:
+    """Deterministic (train, holdout) split; both keep the input order.
+
+    `group_by` keeps groups whole, e.g. `lambda ex: ex.prompt` for E2E, where one MR has several
+    references: otherwise the holdout would score references of MRs the model trained on.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"fraction must be in [0, 1), got {fraction}")
+    keys = [group_by(ex) if group_by else i for i, ex in enumerate(examples)]
+    groups = list(dict.fromkeys(keys))  # first-seen order, so the split does not depend on hashing
+    n_hold = min(max(1, round(fraction * len(groups))), len(groups) - 1) if fraction > 0 and len(groups) > 1 else 0
+    chosen = np.random.default_rng(seed).permutation(len(groups))[:n_hold]
+    held = {groups[i] for i in chosen}
+    train = [ex for ex, k in zip(examples, keys) if k not in held]
+    return train, [ex for ex, k in zip(examples, keys) if k in held]
+
+
+def _encode(ex: Example, tokenizer: PreTrainedTokenizerBase, chat_template: bool,
+            separator: str) -> tuple[list[int], list[int]]:
+    """Prompt and completion are tokenized apart, so the prompt mask is exact by construction and the
+    prompt's ids are those that generation will start from."""
+    prompt, completion, wrapped = ex.prompt + separator, ex.completion, chat_template and bool(ex.prompt)
+    if not ex.prompt:  # a plain text example: no turn to wrap, loss on everything
+        prompt = ""
+    elif wrapped:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("chat_template=True, but the tokenizer has no chat_template; pass chat_template=False")
+        user = [{"role": "user", "content": ex.prompt}]
+        prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+        full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": ex.completion}], tokenize=False)
+        if not full.startswith(prompt):
+            raise ValueError("the chat template renders the prompt differently with the assistant turn than with "
+                             "add_generation_prompt=True, so the prompt cannot be masked exactly")
+        completion = full[len(prompt):]
+    # A chat template writes its own special tokens (BOS included, where it has one) as text.
+    return (list(tokenizer(prompt, add_special_tokens=not wrapped)["input_ids"]),
+            list(tokenizer(completion, add_special_tokens=False)["input_ids"]))
+
+
+def encode_prompt(prompt: str, tokenizer: PreTrainedTokenizerBase, chat_template: bool = False,
+                  separator: str = "\n") -> list[int]:
+    """The prompt's ids exactly as `tokenize_example` puts them before the completion; generate from these."""
+    return _encode(Example(prompt, ""), tokenizer, chat_template, separator)[0]
+
+
+def tokenize_example(ex: Example, tokenizer: PreTrainedTokenizerBase, max_len: int, chat_template: bool = False,
+                     separator: str = "\n") -> dict[str, list[int]]:
+    """`input_ids` and `labels` (same length, unshifted as HF models expect); prompt labels are -100.
+
+    Plain mode puts `separator` between prompt and completion. With `chat_template=True` the prompt
+    is the user message and the completion the assistant message; labels cover the assistant
+    part up to and including the template's end-of-turn token (anything the template writes after
+    it, such as a newline, is dropped). The completion always ends with EOS, so the model learns
+    to stop. Text examples (empty prompt) are never wrapped in a template.
+
+    Too long: the prompt loses tokens from its start (keeping a leading BOS), so the completion
+    stays whole when it fits in `max_len` - 1; a longer completion is cut at the end, after
+    max_len // 2 prompt tokens at most, and then has no EOS.
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token; set one, so the model can learn where a completion ends")
+    prompt_ids, completion_ids = _encode(ex, tokenizer, chat_template, separator)
+    completion_ids = completion_ids[:completion_ids.index(eos) + 1] if eos in completion_ids else completion_ids + [eos]
+    prompt_ids, completion_ids = _truncate(prompt_ids, completion_ids, max_len, tokenizer.bos_token_id)
+    return {"input_ids": prompt_ids + completion_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + completion_ids}
+
+
+def _truncate(prompt: list[int], completion: list[int], max_len: int, bos: int | None) -> tuple[list[int], list[int]]:
+    if len(prompt) + len(completion) <= max_len:
+        return prompt, completion
+    if max_len < 2:
+        raise ValueError(f"max_len must be at least 2, got {max_len}")
+    keep_bos = bool(prompt) and bos is not None and prompt[0] == bos
+    head, body = prompt[:keep_bos], prompt[keep_bos:]
+    room = max_len - len(completion) - len(head)  # prompt tokens that fit beside the whole completion
+    if room < 1:  # the completion alone is too long: give the prompt half, cut the completion's end
+        room = min(len(body), max(1, max_len // 2 - len(head)))
+        completion = completion[:max_len - len(head) - room]
+    return head + body[len(body) - room:], completion
+
+
+def tokenize_classification(ex: ClassificationExample, tokenizer: PreTrainedTokenizerBase,
+                            max_len: int) -> dict[str, Any]:
+    """Encoder inputs (`[CLS] a [SEP] b [SEP]` for BERT) and `labels`, the int class, truncated longest-first."""
+    enc = tokenizer(ex.text, ex.text_pair, truncation=True, max_length=max_len)
+    out: dict[str, Any] = {"input_ids": list(enc["input_ids"]), "labels": ex.label}
+    if "token_type_ids" in enc:
+        out["token_type_ids"] = list(enc["token_type_ids"])
+    return out
+
+
+# What each sequence key is padded with; any other list-valued key gets pad_id.
+_PAD_VALUES = {"labels": IGNORE_INDEX, "attention_mask": 0, "token_type_ids": 0}
+
+
+def collate(batch: Sequence[Mapping[str, Any]], pad_id: int,
+            pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad a list of tokenized examples into (B, T) tensors, with `attention_mask`.
+
+    List values are padded (`input_ids` with `pad_id`, `labels` with -100 so pads carry no loss,
+    `attention_mask`/`token_type_ids` with 0); scalar values (a class label) become a (B,) tensor.
+    """
+    if not batch:
+        raise ValueError("cannot collate an empty batch")
+    lengths = [len(item["input_ids"]) for item in batch]
+    width = math.ceil(max(lengths) / (pad_to_multiple_of or 1)) * (pad_to_multiple_of or 1)
+    out: dict[str, torch.Tensor] = {}
+    for key, first in batch[0].items():
+        values = [item[key] for item in batch]
+        if isinstance(first, (list, tuple)):
+            if [len(v) for v in values] != lengths:
+                raise ValueError(f"{key!r} and 'input_ids' differ in length in this batch")
+            pad = _PAD_VALUES.get(key, pad_id)
+            out[key] = torch.tensor([list(v) + [pad] * (width - len(v)) for v in values], dtype=torch.long)
+        else:
+            out[key] = torch.tensor(values)
+    if "attention_mask" not in out:
+        out["attention_mask"] = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
+    return out
+
+
+def pack(tokenized: Sequence[Mapping[str, list[int]]], block_len: int, pad_id: int) -> list[dict[str, list[int]]]:
+    """Concatenate tokenized examples and cut the stream into blocks of `block_len` tokens.
+
+    No token is dropped: the last block is right-padded (labels -100, attention_mask 0). Labels at
+    the boundaries: each example's first token gets -100, so no loss asks the model to predict one
+    example from the end of the previous one (in an unpacked batch that position has no target
+    either). An example that spans two blocks loses one target, the token at the start of the
+    second block, which the next-token shift leaves without a predecessor. Attention is not reset
+    between examples (as in GPT pre-training); each example ends with EOS, which marks the seam.
+    """
+    if block_len < 1:
+        raise ValueError(f"block_len must be >= 1, got {block_len}")
+    ids = [x for ex in tokenized for x in ex["input_ids"]]
+    labels = [y for ex in tokenized for y in [IGNORE_INDEX, *ex["labels"][1:]][:len(ex["labels"])]]
+    blocks = []
+    for start in range(0, len(ids), block_len):
+        n = min(block_len, len(ids) - start)
+        blocks.append({"input_ids": ids[start:start + n] + [pad_id] * (block_len - n),
+                       "labels": labels[start:start + n] + [IGNORE_INDEX] * (block_len - n),
+                       "attention_mask": [1] * n + [0] * (block_len - n)})
+    return blocks
+
+
+class Batches(Generic[T]):
+    """Seeded, shuffled batches over `examples` that can resume exactly where a run stopped.
+
+    Epoch e visits the examples in the order `permutation(seed, e)`, a pure function of the seed
+    and the epoch, so the position (epoch, index of the next batch) is the whole state. The
+    position advances as each batch is handed out: a `state_dict()` taken after a training step
+    resumes with the next batch. Iteration continues from the position and runs `epochs` epochs
+    in total (None: forever; stop it with `itertools.islice` or a step count). One consumer at a
+    time: two live iterators would share the position.
+    """
+
+    def __init__(self, examples: Sequence[T], batch_size: int, seed: int = 0, *, shuffle: bool = True,
+                 drop_last: bool = False, collate_fn: Callable[[list[T]], Any] | None = None,
+                 epochs: int | None = None) -> None:
+        if batch_size < 1 or seed < 0:
+            raise ValueError(f"batch_size must be >= 1 and seed >= 0, got {batch_size} and {seed}")
+        self.examples, self.batch_size, self.seed = examples, batch_size, seed
+        self.shuffle, self.drop_last, self.collate_fn, self.epochs = shuffle, drop_last, collate_fn, epochs
+        self.epoch, self.index = 0, 0
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        n, b = len(self.examples), self.batch_size
+        return n // b if self.drop_last else math.ceil(n / b)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The example order of `epoch`, the same in every run."""
+        n = len(self.examples)
+        return np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+
+    def __iter__(self) -> Iterator[Any]:
+        per_epoch = len(self)
+        while per_epoch and (self.epochs is None or self.epoch < self.epochs):
+            epoch, order = self.epoch, self.order(self.epoch)
+            for i in range(self.index, per_epoch):
+                items = [self.examples[j] for j in order[i * self.batch_size:(i + 1) * self.batch_size]]
+                self.epoch, self.index = (epoch, i + 1) if i + 1 < per_epoch else (epoch + 1, 0)
+                yield self.collate_fn(items) if self.collate_fn else items
+
+    def state_dict(self) -> dict[str, int]:
+        """The position plus what it depends on, JSON-serialisable, for the training checkpoint."""
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed,
+                "batch_size": self.batch_size, "num_examples": len(self.examples)}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Restore a position; refuses one saved with another seed, batch size or data size."""
+        mine = self.state_dict()
+        differ = [k for k in ("seed", "batch_size", "num_examples") if state.get(k) != mine[k]]
+        if differ:
+            raise ValueError(f"cannot resume: the saved batches had {[(k, state.get(k)) for k in differ]}, "
+                             f"these have {[(k, mine[k]) for k in differ]}; resume with the same data and settings")
+        if not 0 <= state["index"] < max(len(self), 1):
+            raise ValueError(f"saved index {state['index']} is outside 0..{len(self) - 1}")
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
