@@ -1,0 +1,229 @@
+"""Training-step speed and memory of LoRA: lorakit vs PEFT vs full fine-tuning vs the frozen floor.
+
+One run measures every variant, each in its own fresh process (so peak memory is its own), on the
+same model, seed and batches, and prints a table of medians and ratios:
+
+- ``full``: every weight trains (AdamW).
+- ``floor``: the frozen base; forward + backward with activation gradients only, no optimizer.
+  LoRA cannot be cheaper than this.
+- ``peft-*`` / ``lorakit-*``: LoRA r=8 on q,v and r=16 on all linear layers.
+
+CPU (this repo's default): SmolLM2-135M, float32, batch 4 × 128; peak memory is the process's
+peak RSS. GPU: a Llama of TinyLlama-1.1B's shape with random weights, bf16, sdpa attention,
+batch 8 × 1024; peak memory is ``torch.cuda.max_memory_allocated``.
+
+    .venv/bin/python benchmarks/train_speed.py                 # CPU table
+    python benchmarks/train_speed.py --device cuda             # GPU table
+    python benchmarks/train_speed.py --check-equivalence       # lorakit vs PEFT: same loss after 20 steps
+
+Writes ``benchmarks/results/train_speed_<device>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+VARIANTS = ["floor", "full", "peft-qv-r8", "lorakit-qv-r8", "peft-all-r16", "lorakit-all-r16"]
+LORA = {  # variant suffix -> (rank, alpha, targets)
+    "qv-r8": (8, 16, ["q_proj", "v_proj"]),
+    "all-r16": (16, 32, "all-linear"),
+}
+
+
+def build_model(device: str):
+    """SmolLM2-135M (float32) on CPU; TinyLlama-1.1B's shape (bf16, random weights) on CUDA."""
+    if device == "cpu":
+        from lorakit.models import load_causal_lm
+
+        model, _ = load_causal_lm("default", dtype=torch.float32)
+        return model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                      num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
+                      attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with torch.device(device):
+        return LlamaForCausalLM(cfg).to(torch.bfloat16)
+
+
+def prepare(model, variant: str):
+    """Set up the variant in place; returns (model, trainable parameters)."""
+    if variant == "full":
+        return model, list(model.parameters())
+    if variant == "floor":
+        model.requires_grad_(False)
+        model.enable_input_require_grads()  # gradients flow through every layer, into no weight
+        return model, []
+    library, suffix = variant.split("-", 1)
+    r, alpha, targets = LORA[suffix]
+    if library == "peft":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0))
+    else:
+        import lorakit
+
+        lorakit.inject(model, lorakit.LoraConfig(r=r, alpha=alpha, target_modules=targets))
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
+def measure(variant: str, args) -> dict:
+    """Time training steps of one variant in this process."""
+    device = args.device
+    model = build_model(device)
+    model.train()
+    model, params = prepare(model, variant)
+    n_trainable = sum(p.numel() for p in params)
+    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    g = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    batches = [torch.randint(0, vocab, (args.batch, args.seq), generator=g).to(device) for _ in range(4)]
+    times = []
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for step in range(args.warmup + args.steps):
+        ids = batches[step % len(batches)]
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - start)
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:  # ru_maxrss is KiB on Linux
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    median = statistics.median(times)
+    return {"variant": variant, "median_step_s": median, "tokens_per_s": args.batch * args.seq / median,
+            "peak_bytes": peak, "trainable_params": n_trainable, "step_times_s": times}
+
+
+def check_equivalence(args) -> dict:
+    """lorakit and PEFT compute the same function: from one initial adapter (random B, so the
+    check is not trivial), 20 AdamW steps on the same batches give the same losses."""
+    import copy
+
+    import lorakit
+    from peft import LoraConfig, get_peft_model
+
+    device = args.device
+    base = build_model(device)
+    r, alpha, targets = LORA["qv-r8"]
+    ours = lorakit.inject(copy.deepcopy(base), lorakit.LoraConfig(r=r, alpha=alpha, target_modules=targets))
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=alpha, target_modules=targets))
+    g = torch.Generator().manual_seed(1)
+    lookup = {n: m for n, m in theirs.base_model.model.named_modules()}
+    with torch.no_grad():
+        for name, layer in ours.named_modules():
+            if isinstance(layer, lorakit.LoraLayer):
+                layer.lora_B["default"].copy_(torch.randn(layer.lora_B["default"].shape, generator=g) * 0.01)
+                lookup[name].lora_A["default"].weight.copy_(layer.lora_A["default"])
+                lookup[name].lora_B["default"].weight.copy_(layer.lora_B["default"])
+    losses = {}
+    data = torch.Generator().manual_seed(2)
+    batches = [torch.randint(0, base.config.vocab_size, (2, 64), generator=data).to(device) for _ in range(20)]
+    for label, model in (("lorakit", ours), ("peft", theirs)):
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        losses[label] = []
+        for ids in batches:
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses[label].append(loss.item())
+    diff = max(abs(a - b) for a, b in zip(losses["lorakit"], losses["peft"]))
+    print(f"loss after 20 steps: lorakit {losses['lorakit'][-1]:.6f}, peft {losses['peft'][-1]:.6f}, "
+          f"max |Δloss| over the 20 steps {diff:.2e}")
+    return {"losses": losses, "max_abs_loss_diff": diff}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--batch", type=int)
+    p.add_argument("--seq", type=int)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one variant, print JSON
+    p.add_argument("--check-equivalence", action="store_true")
+    args = p.parse_args()
+    args.batch = args.batch or (8 if args.device == "cuda" else 4)
+    args.seq = args.seq or (1024 if args.device == "cuda" else 128)
+
+    if args.one:
+        print("RESULT " + json.dumps(measure(args.one, args)))
+        return
+    if args.check_equivalence:
+        result = check_equivalence(args)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / f"train_equivalence_{args.device}.json").write_text(json.dumps(result, indent=2) + "\n")
+        return
+
+    rows = []
+    for variant in args.variants.split(","):
+        cmd = [sys.executable, __file__, "--one", variant, "--device", args.device, "--batch", str(args.batch),
+               "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            print(f"{variant}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
+            continue
+        rows.append(json.loads(line[len("RESULT "):]))
+        print(f"measured {variant}", file=sys.stderr)
+
+    by = {r["variant"]: r for r in rows}
+    floor = by.get("floor")
+    unit = "GiB" if args.device == "cuda" else "GB RSS"
+    scale = 2**30 if args.device == "cuda" else 1e9
+    print(f"\ntraining step, batch {args.batch} × {args.seq}, {args.device}, median of {args.steps} steps")
+    print(f"{'variant':<18} {'tokens/s':>10} {'s/step':>8} {'peak ' + unit:>12} {'trainable':>12} "
+          f"{'speed/floor':>11} {'mem/floor':>9}")
+    for r in rows:
+        speed = r["tokens_per_s"] / floor["tokens_per_s"] if floor else float("nan")
+        mem = r["peak_bytes"] / floor["peak_bytes"] if floor else float("nan")
+        r["speed_vs_floor"], r["memory_vs_floor"] = speed, mem
+        print(f"{r['variant']:<18} {r['tokens_per_s']:>10,.0f} {r['median_step_s']:>8.3f} "
+              f"{r['peak_bytes'] / scale:>12.2f} {r['trainable_params']:>12,} {speed:>10.2f}× {mem:>8.2f}×")
+    ratios = {}
+    for suffix in LORA:
+        ours, theirs = by.get(f"lorakit-{suffix}"), by.get(f"peft-{suffix}")
+        if ours and theirs:
+            ratios[suffix] = {"step_time_lorakit_over_peft": ours["median_step_s"] / theirs["median_step_s"],
+                              "peak_lorakit_over_peft": ours["peak_bytes"] / theirs["peak_bytes"]}
+            print(f"lorakit/PEFT {suffix}: step time {ratios[suffix]['step_time_lorakit_over_peft']:.3f}×, "
+                  f"peak memory {ratios[suffix]['peak_lorakit_over_peft']:.3f}×")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out_file = RESULTS / f"train_speed_{args.device}.json"
+    out_file.write_text(json.dumps({
+        "benchmark": "train_speed", "device": args.device, "batch": args.batch, "seq": args.seq,
+        "steps": args.steps, "torch": torch.__version__, "machine": platform.machine(),
+        "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+        "rows": rows, "lorakit_vs_peft": ratios,
+    }, indent=2) + "\n")
+    print(f"\nwrote {out_file}")
+
+
+if __name__ == "__main__":
+    main()
