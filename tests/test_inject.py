@@ -222,3 +222,17 @@ def test_embedding_target(llama, tokens):
     emb = llama.model.embed_tokens
     assert isinstance(emb, LoraEmbedding)
     assert torch.all(emb.lora_A["default"] == 0) and emb.lora_B["default"].abs().sum() > 0
+
+
+def test_inject_keeps_eval_mode_so_dropout_stays_off(llama, tokens):
+    lorakit.inject(llama, lorakit.LoraConfig(target_modules=["q_proj"], dropout=0.5))
+    assert not any(m.training for m in llama.modules())
+    randomize_adapters(llama)
+    assert torch.equal(llama(tokens).logits, llama(tokens).logits)
+
+
+@pytest.mark.parametrize("name", ["a.b", ""])
+def test_unusable_adapter_name_leaves_model_untouched(llama, name):
+    with pytest.raises(ValueError, match="not usable"):
+        lorakit.inject(llama, lorakit.LoraConfig(target_modules=["q_proj"]), name=name)
+    assert not adapted(llama) and "lora_state" not in llama.__dict__

@@ -115,6 +115,7 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default", *,
     is left trainable. The adapter becomes active when no adapter was active before; otherwise
     the active set is left alone (choose with ``lorakit.use``). Returns ``model``.
     """
+    check_adapter_name(name)
     state = model.__dict__.get("lora_state")
     if state is not None and name in state.configs:
         raise ValueError(f"adapter {name!r} is already on this model; delete it first or pick another name")
@@ -132,8 +133,8 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default", *,
                               use_rslora=config.use_rslora, init=config.init, dtype=dtype)
             added.append(layer)
         for module_name, module in saved_targets:
-            wrapper = module if isinstance(module, TrainableCopy) else _replace(model, module_name,
-                                                                                TrainableCopy(module, module_name))
+            wrapper = module if isinstance(module, TrainableCopy) else _replace(
+                model, module_name, TrainableCopy(module, module_name).train(module.training))
             wrapper.add_adapter(name)
             added.append(wrapper)
     except Exception:
@@ -151,6 +152,12 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default", *,
         module.set_active(state.active)
     _freeze_all_but(model, name, config)
     return model
+
+
+def check_adapter_name(name: str) -> None:
+    # The name becomes a key of nn.ParameterDict/ModuleDict, which refuse dots and empty strings.
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter name {name!r} is not usable: give a non-empty name without dots")
 
 
 def _find_saved(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
@@ -179,6 +186,7 @@ def _wrap(model: nn.Module, module_name: str, module: nn.Module, config: LoraCon
         layer = LoraFusedLinear(module, slices, module_name)
     else:
         layer = lora_class_for(module)(module, module_name)
+    layer.train(module.training)  # a new wrapper must not switch an eval model's dropout on
     return _replace(model, module_name, layer)
 
 

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import re
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,8 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .config import ConfigError, LoraConfig
-from .inject import _base_of, _find_saved, delete_adapter, find_targets, inject, lora_modules, lora_state, walk
+from .config import ConfigError, LoraConfig, name_matches
+from .inject import _base_of, _find_saved, check_adapter_name, delete_adapter, find_targets, inject, lora_modules, lora_state, walk
 from .layers import LoraEmbedding, LoraFusedLinear, LoraLayer, TrainableCopy, lora_class_for
 
 CONFIG_NAME = "adapter_config.json"
@@ -48,6 +49,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
 
     peft_json = config.to_peft_dict(base_model_name_or_path=base_model_name_or_path,
                                     fan_in_fan_out=_has_transposed_targets(model, name))
+    if isinstance(config.target_modules, str) and config.layers_to_transform is not None:
+        # PEFT refuses layers_to_transform beside a regex (or "all-linear"): name the modules instead.
+        peft_json["target_modules"] = [n for n, m in lora_modules(model)
+                                       if isinstance(m, LoraLayer) and name in m.lora_A]
+        peft_json["layers_to_transform"] = None
     fused = [(n, m) for n, m in lora_modules(model) if isinstance(m, LoraFusedLinear) and name in m.lora_A]
     for module_name, layer in fused:
         # PEFT has no slices: it sees rank n_a·r over the whole output, so α is scaled to keep s.
@@ -60,8 +66,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt", LORAKIT_METADATA: json.dumps(_config_to_json(config))}
-    _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    _atomic_write(out / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(peft_json, indent=2) + "\n"))
+    _atomic_write({
+        out / WEIGHTS_NAME: lambda tmp: save_file(tensors, str(tmp), metadata=metadata),
+        out / CONFIG_NAME: lambda tmp: tmp.write_text(json.dumps(peft_json, indent=2) + "\n"),
+    })
     return out
 
 
@@ -104,16 +112,38 @@ def _config_to_json(config: LoraConfig) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
-def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def _atomic_write(files: dict[Path, Callable[[Path], Any]]) -> None:
+    """Write every file to a temp file beside it, and only when all are written and synced rename
+    them into place: a failed write (disk full, an exception) leaves the old adapter whole, never a
+    new weights file beside an old config."""
+    tmps: dict[Path, Path] = {}
     try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        for path, write in files.items():
+            tmps[path] = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            write(tmps[path])
+            with open(tmps[path], "rb") as f:
+                os.fsync(f.fileno())
+        for path, tmp in tmps.items():
+            os.replace(tmp, path)
+        _fsync_directory(next(iter(files)).parent)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        for tmp in tmps.values():
+            if tmp.exists():
+                tmp.unlink()
+
+
+def _fsync_directory(directory: Path) -> None:
+    # Makes the renames themselves durable; not every platform can open a directory.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 # --- load -------------------------------------------------------------------------------------
@@ -141,13 +171,44 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.T
     except Exception as e:  # safetensors raises its own error types for bad headers and short files
         raise AdapterFileError(f"{weights_file}: not a readable safetensors file ({e}); it may be truncated "
                                f"or corrupted: save the adapter again") from None
+    if not isinstance(peft_json, dict):
+        raise AdapterFileError(f"{config_file}: holds a JSON {type(peft_json).__name__}, not an object of "
+                               f"LoRA config fields")
     try:
         config = LoraConfig.from_peft_dict(peft_json, source=str(config_file))
-        if LORAKIT_METADATA in metadata:
-            config = LoraConfig(**json.loads(metadata[LORAKIT_METADATA]))
-    except (ConfigError, TypeError, json.JSONDecodeError) as e:
-        raise AdapterFileError(str(e) if isinstance(e, ConfigError) else f"{weights_file}: bad lorakit metadata ({e})") from None
+    except ConfigError as e:
+        raise AdapterFileError(str(e)) from None
+    if LORAKIT_METADATA in metadata:
+        try:
+            own = LoraConfig(**json.loads(metadata[LORAKIT_METADATA]))
+        except (ConfigError, TypeError, ValueError) as e:
+            raise AdapterFileError(f"{weights_file}: bad lorakit metadata ({e})") from None
+        _check_same_config(config, own, config_file, weights_file)
+        config = own  # it also knows what PEFT's JSON cannot say (fused slices, init)
     return config, tensors
+
+
+def _check_same_config(from_json: LoraConfig, own: LoraConfig, config_file: Path, weights_file: Path) -> None:
+    """lorakit writes its config twice: PEFT's JSON and its own copy in the safetensors header. When
+    they disagree (the JSON was edited, or the files come from different saves), PEFT would use the
+    JSON and lorakit its copy, with different outputs: refuse instead."""
+    def fields(c: LoraConfig) -> dict[str, Any]:
+        d = {f.name: getattr(c, f.name) for f in dataclasses.fields(c)}
+        del d["fused_projections"]  # PEFT has no slices: save_adapter writes them as rank/alpha patterns
+        for name in ("modules_to_save", "layers_to_transform"):
+            d[name] = d[name] or None  # the JSON writes an empty list as null
+        if isinstance(own.target_modules, str) and own.layers_to_transform is not None:
+            del d["target_modules"], d["layers_to_transform"]  # save_adapter wrote the module names
+        return d
+    json_fields, own_fields = fields(from_json), fields(own)
+    if own.fused_projections:  # rank/alpha patterns of the fused modules come on top of the user's
+        for name in ("rank_pattern", "alpha_pattern"):
+            json_fields[name] = {k: v for k, v in json_fields[name].items() if k in own_fields[name]}
+    differ = [f"{k}: {json_fields[k]!r} vs {own_fields[k]!r}" for k in own_fields if json_fields[k] != own_fields[k]]
+    if differ:
+        raise AdapterFileError(f"{config_file} and the lorakit config in {weights_file} disagree "
+                               f"({'; '.join(differ)}); the JSON was edited or the files come from different "
+                               f"saves: save the adapter again")
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default", *,
@@ -159,19 +220,27 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     (the default) leaves its parameters frozen. Biases or base weights that the file carries
     (PEFT's ``bias="all"``, embedding layers) are written into the base model, as PEFT does.
     """
+    check_adapter_name(name)
     config, tensors = read_adapter(path)
-    weights_file = Path(path) / WEIGHTS_NAME
+    config_file, weights_file = Path(path) / CONFIG_NAME, Path(path) / WEIGHTS_NAME
     state = model.__dict__.get("lora_state")
     if state is not None and name in state.configs:
         raise ValueError(f"adapter {name!r} is already on this model; delete it or load under another name")
+    config = _drop_unmatched_saved(model, config)
     try:
         targets = dict(find_targets(model, config))
         saved = dict(_find_saved(model, config))
-    except ConfigError as e:
-        raise AdapterFileError(f"{Path(path) / CONFIG_NAME} does not fit this {type(model).__name__}: {e}") from None
-    plan = _plan(model, config, tensors, targets, saved, weights_file)
+        probes = {n: _probe(n, m, config) for n, m in targets.items()}
+    except (ConfigError, ValueError, TypeError) as e:
+        raise AdapterFileError(f"{config_file} does not fit this {type(model).__name__}: {e}") from None
+    plan = _plan(model, config, tensors, probes, saved, weights_file)
 
-    inject(model, config, name, dtype=dtype)
+    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    try:
+        inject(model, config, name, dtype=dtype)
+    except ConfigError as e:  # e.g. a layer that already carries adapters with other fused slices
+        raise AdapterFileError(f"{config_file} does not fit this {type(model).__name__}: {e}") from None
+    overwritten: list[tuple[torch.Tensor, torch.Tensor]] = []  # base tensors and their old values
     try:
         with torch.no_grad():
             for _, (kind, module_name, attr, value) in plan.items():
@@ -184,25 +253,42 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
                 elif kind == "saved":
                     _tensor(module.modules_to_save[name], attr).copy_(value)
                 elif kind == "base":
-                    _tensor(module, attr).copy_(value)
+                    target = _tensor(module, attr)
+                    overwritten.append((target, target.detach().clone()))
+                    target.copy_(value)
     except Exception:
+        with torch.no_grad():
+            for target, old in reversed(overwritten):
+                target.copy_(old)
         delete_adapter(model, name)
+        for param_name, p in model.named_parameters():
+            p.requires_grad_(requires_grad.get(param_name, p.requires_grad))
         raise
     if not trainable:
-        for _, module in lora_modules(model):
-            if isinstance(module, LoraLayer) and name in module.lora_A:
-                module.lora_A[name].requires_grad_(False)
-                module.lora_B[name].requires_grad_(False)
-            elif isinstance(module, TrainableCopy) and name in module.modules_to_save:
-                module.modules_to_save[name].requires_grad_(False)
+        # inject() froze everything but this adapter (and the biases its config trains); freeze those too.
+        for p in model.parameters():
+            p.requires_grad_(False)
     return model
 
 
-def _plan(model, config, tensors, targets, saved, weights_file) -> dict:
+def _drop_unmatched_saved(model: nn.Module, config: LoraConfig) -> LoraConfig:
+    """PEFT ignores ``modules_to_save`` entries that match no module, and writes some on its own:
+    ``task_type="SEQ_CLS"`` adds both "classifier" and "score", of which a model has one. Drop
+    those here, as PEFT does; a file tensor for a dropped entry still fails the key check."""
+    if not config.modules_to_save:
+        return config
+    names = [n for n, _ in walk(model)]
+    kept = tuple(s for s in config.modules_to_save if any(name_matches(n, [s]) for n in names))
+    return config if kept == tuple(config.modules_to_save) else config.replace(modules_to_save=kept or None)
+
+
+def _plan(model, config, tensors, probes, saved, weights_file) -> dict:
     """Map every file key to (kind, module, attribute, tensor), checking shapes; raises on anything
     that does not fit. Nothing is modified."""
     plan: dict[Any, tuple[str, str, str, torch.Tensor]] = {}
-    probes = {n: _probe(n, m, config) for n, m in targets.items()}
+    shapes = {n: _stored_shapes(layer, config.rank_for(n)) for n, layer in probes.items()}
+    # Frozen originals of modules_to_save, by storage: a tied weight (lm_head = embed_tokens) is one.
+    originals = {t.data_ptr(): n for n, m in saved.items() for t in _base_of(m).parameters()}
     for key, value in tensors.items():
         if not key.startswith(PREFIX):
             raise AdapterFileError(f"{weights_file}: key {key!r} does not start with {PREFIX!r}; "
@@ -216,7 +302,7 @@ def _plan(model, config, tensors, targets, saved, weights_file) -> dict:
                                        f"config does not target in this {type(model).__name__} "
                                        f"(adapted modules: {len(probes)}, e.g. {list(probes)[:3]})")
             attr = "A" if which[-1] == "A" or which.startswith("lora_A") else "B"
-            expected = probes[module_name][0 if attr == "A" else 1]
+            expected = shapes[module_name][0 if attr == "A" else 1]
             _check_shape(weights_file, key, module_name, model, value, expected)
             plan[(attr, module_name)] = ("lora", module_name, attr, value)
             continue
@@ -233,7 +319,7 @@ def _plan(model, config, tensors, targets, saved, weights_file) -> dict:
             continue
         module_name, param = _split_owner(model, rest)
         owner = model.get_submodule(module_name) if module_name else model
-        if isinstance(owner, LoraLayer) or module_name in targets:
+        if isinstance(owner, LoraLayer) or module_name in probes:
             param = param.removeprefix("base_layer.")
             owner = _base_of(owner)
             module_name = f"{module_name}.base_layer"  # where it lives once inject() has wrapped it
@@ -242,27 +328,47 @@ def _plan(model, config, tensors, targets, saved, weights_file) -> dict:
             raise AdapterFileError(f"{weights_file}: key {key!r} matches no module or parameter of this "
                                    f"{type(model).__name__}")
         _check_shape(weights_file, key, module_name.removesuffix(".base_layer"), model, value, tuple(target.shape))
+        if target.data_ptr() in originals:
+            raise AdapterFileError(f"{weights_file}: {key} would overwrite a weight tied to "
+                                   f"{originals[target.data_ptr()]}, which the adapter trains a copy of "
+                                   f"(modules_to_save); the file expects the copies to be tied (PEFT's "
+                                   f"ensure_weight_tying), which lorakit does not do")
         plan[key] = ("base", module_name, param, value)
     missing = [f"{n}.lora_{w}" for n in probes for w in "AB" if (w, n) not in plan]
     if missing:
         raise AdapterFileError(f"{weights_file}: the config targets modules whose weights the file lacks: "
                                f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    for module_name, layer in probes.items():
+        if isinstance(layer, LoraFusedLinear):
+            _check_fused(layer, config.rank_for(module_name), plan, module_name, weights_file)
     return plan
 
 
-def _probe(module_name: str, module: nn.Module, config: LoraConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(A shape, B shape) as stored on disk for this module under ``config``, without changing it."""
-    rank = config.rank_for(module_name)
-    if isinstance(module, LoraLayer):
-        layer = module
-    else:
-        slices = next((v for k, v in config.fused_projections.items()
-                       if module_name == k or module_name.endswith("." + k)), None)
-        layer = LoraFusedLinear(module, slices, module_name) if slices else lora_class_for(module)(module, module_name)
+def _probe(module_name: str, module: nn.Module, config: LoraConfig) -> LoraLayer:
+    """A fresh LoRA layer of the kind ``config`` puts on this module, around its base layer; the
+    model's own module (even one that already carries adapters) is never changed."""
+    base = _base_of(module)
+    slices = getattr(module, "slices", None) if isinstance(module, LoraLayer) else \
+        next((v for k, v in config.fused_projections.items() if name_matches(module_name, [k])), None)
+    return LoraFusedLinear(base, slices, module_name) if slices else lora_class_for(base)(base, module_name)
+
+
+def _stored_shapes(layer: LoraLayer, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(A shape, B shape) as stored on disk: a fused layer is stored as PEFT sees it (rank n_a·r)."""
     if isinstance(layer, LoraFusedLinear):
         n = layer.n_adapted
         return (n * rank, layer.in_features), (layer.out_features, n * rank)
     return layer.adapter_shapes(rank)
+
+
+def _check_fused(layer: LoraFusedLinear, rank: int, plan: dict, module_name: str, weights_file: Path) -> None:
+    """A fused layer stores only the blocks of its adapted slices; try the file's B on the probe."""
+    A, B = plan[("A", module_name)][3], plan[("B", module_name)][3]
+    layer.add_adapter("_check", rank, 1.0)
+    try:
+        layer.load_dense_factors("_check", A, B)
+    except ValueError as e:
+        raise AdapterFileError(f"{weights_file}: {PREFIX}{module_name}.lora_B.weight: {e}") from None
 
 
 def _split_owner(model: nn.Module, dotted: str) -> tuple[str, str]:

@@ -79,7 +79,7 @@ class LoraLayer(nn.Module):
         device = self.base_weight.device
         self.lora_A[name] = nn.Parameter(torch.empty(shape_a, dtype=dtype, device=device))
         self.lora_B[name] = nn.Parameter(torch.empty(shape_b, dtype=dtype, device=device))
-        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout[name] = (nn.Dropout(dropout) if dropout > 0 else nn.Identity()).train(self.training)
         self.rank[name] = r
         self.alpha[name] = alpha
         self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
