@@ -1,0 +1,126 @@
+"""What each `lorakit` command does with its parsed arguments (the parsing is in cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .adapters import merge as merge_adapters
+from .config import ALL_LINEAR, LoraConfig
+from .data import ClassificationExample, Example, load_examples
+from .finetune import DataSpec, finetune, load_model
+from .generate import generate_text
+from .inject import unload
+from .io import load_adapter
+from .metrics import accuracy, corpus_scores, group_references
+from .train import TrainConfig
+
+
+def _targets(text: str) -> list[str] | str:
+    if text == ALL_LINEAR or any(c in text for c in "()[]*+?\\|^$"):
+        return text  # all-linear or a regular expression
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def train(args: argparse.Namespace) -> None:
+    lora = LoraConfig(r=args.rank, alpha=args.alpha, dropout=args.dropout, target_modules=_targets(args.targets),
+                      modules_to_save=[m for m in (args.modules_to_save or "").split(",") if m] or None)
+    config = TrainConfig(lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup,
+                         schedule=args.schedule, label_smoothing=args.label_smoothing, epochs=args.epochs,
+                         max_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                         eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
+                         out_dir=args.out, overwrite=args.overwrite, device=args.device)
+    data = DataSpec(train=args.data, eval=args.eval_data, format=args.format, seq_len=args.seq_len,
+                    chat_template=args.chat_template, skip_bad_lines=args.skip_bad_lines,
+                    text_column=args.text_column, text_pair_column=args.text_pair_column,
+                    label_column=args.label_column)
+    result, _, _ = finetune(args.model, data, lora, config, task=args.task, resume=args.resume)
+    print(f"done: {result.steps} steps; adapter in {result.adapter_dir}; metrics in {result.metrics_path}")
+
+
+def _model_with_adapter(args: argparse.Namespace, task: str = "causal"):
+    model, tokenizer = load_model(args.model, task)
+    if args.adapter:
+        load_adapter(model, args.adapter)
+        if args.merge:
+            merge_adapters(model)
+    model.eval()
+    return model, tokenizer
+
+
+def _generation_kwargs(args: argparse.Namespace) -> dict:
+    return dict(chat_template=args.chat_template, max_new_tokens=args.max_new_tokens, num_beams=args.beams,
+                length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram,
+                batch_size=args.batch_size)
+
+
+def generate(args: argparse.Namespace) -> None:
+    prompts = args.prompt or [ex.prompt for ex in load_examples(args.data) if isinstance(ex, Example)]
+    if not prompts:
+        raise ValueError(f"{args.data}: no prompts found (expected prompt/completion JSONL or E2E lines)")
+    model, tokenizer = _model_with_adapter(args)
+    outputs = generate_text(model, tokenizer, prompts, **_generation_kwargs(args))
+    if args.out:
+        with open(args.out, "w") as f:
+            for p, o in zip(prompts, outputs):
+                f.write(json.dumps({"prompt": p, "output": o}) + "\n")
+        print(f"wrote {len(outputs)} outputs to {args.out}")
+    else:
+        for p, o in zip(prompts, outputs):
+            print(f">>> {p}\n{o}\n")
+
+
+def eval(args: argparse.Namespace) -> None:  # noqa: A001 - the command's name
+    examples = load_examples(args.data, "classification" if args.task == "classification" else "auto")
+    if args.task == "classification" or (examples and isinstance(examples[0], ClassificationExample)):
+        scores = _eval_classification(args, examples)
+    else:
+        sources, references = group_references([(ex.prompt, ex.completion) for ex in examples])
+        if args.limit:
+            sources, references = sources[:args.limit], references[:args.limit]
+        model, tokenizer = _model_with_adapter(args)
+        hypotheses = generate_text(model, tokenizer, sources, **_generation_kwargs(args))
+        scores = corpus_scores(hypotheses, references)
+        scores["examples"] = len(sources)
+        if args.out:
+            Path(args.out).with_suffix(".hypotheses.txt").write_text("\n".join(hypotheses) + "\n")
+    print(json.dumps(scores, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(scores, indent=2) + "\n")
+
+
+def _eval_classification(args: argparse.Namespace, examples: list) -> dict:
+    import torch
+
+    from .data import collate, tokenize_classification
+
+    model, tokenizer = load_model(args.model, "classification")
+    if args.adapter:
+        load_adapter(model, args.adapter)
+    model.eval()
+    examples = examples[:args.limit] if args.limit else examples
+    predictions = []
+    with torch.inference_mode():
+        for i in range(0, len(examples), args.batch_size):
+            chunk = [tokenize_classification(ex, tokenizer, 512) for ex in examples[i:i + args.batch_size]]
+            batch = collate(chunk, tokenizer.pad_token_id)
+            batch.pop("labels")
+            predictions += model(**batch).logits.argmax(-1).tolist()
+    return {"accuracy": accuracy(predictions, [ex.label for ex in examples]), "examples": len(examples)}
+
+
+def merge(args: argparse.Namespace) -> None:
+    model, tokenizer = load_model(args.model, "causal")
+    load_adapter(model, args.adapter)
+    plain = unload(model, merge=True)
+    out = Path(args.out)
+    plain.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    print(f"wrote a merged model to {out} (load it with transformers' from_pretrained)")
+
+
+def demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(out_dir=args.out, steps=args.steps, device=args.device)

@@ -1,0 +1,118 @@
+"""From a model spec and a data file to a trained adapter: the steps `lorakit train` runs.
+
+Kept apart from the CLI (which only parses) so that Python users and the demo run the same path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from .config import LoraConfig
+from .data import (Batches, ClassificationExample, Example, collate, demo_task, load_examples,
+                   tokenize_classification, tokenize_example)
+from .inject import inject
+from .models import load_causal_lm, load_classifier, model_info
+from .train import TrainConfig, TrainResult, train
+
+DEMO_DATA = "demo"  # `--data demo`: the generated demo task (lorakit.demo_task), no file needed
+
+
+@dataclass
+class DataSpec:
+    """Where the examples come from and how they become tokens."""
+
+    train: str = DEMO_DATA
+    eval: str | None = None
+    format: str = "auto"
+    seq_len: int = 256
+    chat_template: bool = False
+    skip_bad_lines: bool = False
+    text_column: str = "sentence"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    demo_examples: tuple[int, int] = (2000, 64)  # (train, eval) sizes for the demo task
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def load_model(spec: str, task: str, num_labels: int = 2):
+    """(model, tokenizer) for a causal LM or a sequence classifier."""
+    if task == "classification":
+        return load_classifier(spec, num_labels=num_labels)
+    if task != "causal":
+        raise ValueError(f"task must be 'causal' or 'classification', got {task!r}")
+    return load_causal_lm(spec)
+
+
+def read_data(spec: DataSpec, task: str) -> tuple[list[Any], list[Any] | None, dict[str, int] | None]:
+    """(train examples, eval examples or None, label map or None)."""
+    if spec.train == DEMO_DATA:
+        if task != "causal":
+            raise ValueError("the demo task is text generation; use --task causal with --data demo")
+        train_ex, eval_ex = demo_task(*spec.demo_examples)
+        return train_ex, (eval_ex if spec.eval is None else _read(spec, spec.eval, task, None)[0]), None
+    train_ex, label_map = _read(spec, spec.train, task, None)
+    eval_ex = _read(spec, spec.eval, task, label_map)[0] if spec.eval else None
+    return train_ex, eval_ex, label_map
+
+
+def _read(spec: DataSpec, path: str, task: str, label_map: dict[str, int] | None):
+    if task == "classification":
+        result = load_examples(path, "classification", text_column=spec.text_column,
+                               text_pair_column=spec.text_pair_column, label_column=spec.label_column,
+                               label_map=label_map, skip_bad_lines=spec.skip_bad_lines)
+    else:
+        result = load_examples(path, spec.format, skip_bad_lines=spec.skip_bad_lines)
+        if result and not isinstance(result[0], Example):
+            raise ValueError(f"{path} holds classification examples; pass --task classification")
+    if result.n_skipped and is_main_process():
+        print(f"{path}: skipped {result.n_skipped} malformed line(s), first at line {result.skipped[0][0]}")
+    if not result:
+        raise ValueError(f"{path}: no examples")
+    return list(result), getattr(result, "label_map", None)
+
+
+def tokenize_all(examples: list[Any], tokenizer, spec: DataSpec) -> list[dict[str, Any]]:
+    if examples and isinstance(examples[0], ClassificationExample):
+        return [tokenize_classification(ex, tokenizer, spec.seq_len) for ex in examples]
+    return [tokenize_example(ex, tokenizer, spec.seq_len, chat_template=spec.chat_template) for ex in examples]
+
+
+def finetune(model_spec: str, data: DataSpec, lora: LoraConfig, config: TrainConfig, *,
+             task: str = "causal", resume: bool = False, model=None, tokenizer=None,
+             eval_fn=None) -> tuple[TrainResult, Any, Any]:
+    """Load, inject, train and save; returns (result, model, tokenizer). Prints what a user wants
+    to see first: trainable parameters against the total, and the adapter's size against the base's."""
+    train_ex, eval_ex, label_map = read_data(data, task)
+    if model is None:
+        model, tokenizer = load_model(model_spec, task, num_labels=len(label_map) if label_map else 2)
+    base = model_info(model)
+    inject(model, lora)  # train() prints trainable vs total parameters
+
+    pad = tokenizer.pad_token_id
+    collate_fn = partial(collate, pad_id=pad)
+    batches = Batches(tokenize_all(train_ex, tokenizer, data), config.batch_size, seed=config.seed,
+                      collate_fn=collate_fn)
+    eval_batches = None
+    if eval_ex:
+        eval_batches = Batches(tokenize_all(eval_ex, tokenizer, data), config.batch_size, shuffle=False,
+                               collate_fn=collate_fn, epochs=1)
+    result = train(model, batches, config, eval_batches=eval_batches, eval_fn=eval_fn, resume=resume)
+
+    if not is_main_process():
+        return result, model, tokenizer
+    adapter_bytes = sum(f.stat().st_size for f in Path(result.adapter_dir).iterdir() if f.is_file())
+    print(f"adapter: {adapter_bytes / 1e6:.2f} MB on disk ({result.adapter_dir}); "
+          f"base model: {base['size_bytes'] / 1e6:.0f} MB ({base['size_bytes'] / adapter_bytes:,.0f}× larger)")
+    if label_map:
+        (Path(config.out_dir) / "labels.json").write_text(json.dumps(label_map, indent=2) + "\n")
+    return result, model, tokenizer
+
+
+def is_main_process() -> bool:
+    """Rank 0 under torchrun (or a plain single process): the one that prints and writes."""
+    return int(os.environ.get("RANK", "0")) == 0

@@ -1,0 +1,95 @@
+"""What a training run is told (`TrainConfig`) and what it reports back (`TrainResult`).
+
+Every default is visible here, in one place, as in nanoGPT's `train.py`. Steps are optimizer
+steps: one step consumes `grad_accum` batches of `batch_size` examples each (the global batch,
+split across processes under torchrun).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEDULES = ("linear", "cosine", "constant")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass
+class TrainConfig:
+    # --- optimisation (AdamW, Loshchilov & Hutter 2019; the LoRA paper uses it for every task) ---
+    lr: float = 2e-4
+    weight_decay: float = 0.01         # applied to matrices (A, B); never to biases or norms
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 0              # linear warmup from 0 to lr
+    schedule: str = "linear"           # decay after warmup: "linear" | "cosine" (to 0) | "constant"
+    max_grad_norm: float | None = 1.0  # clip the global grad norm; None: no clipping
+    label_smoothing: float = 0.0       # the LoRA paper's E2E runs use 0.1 (Table 11)
+    # --- how long, how big ---
+    max_steps: int | None = None       # optimizer steps; None: `epochs` passes over the data
+    epochs: float = 1.0
+    batch_size: int = 8                # examples per batch, across all processes
+    grad_accum: int = 1                # batches per optimizer step
+    # --- evaluation, checkpoints, logs ---
+    eval_every: int = 100              # steps; used when eval_batches or eval_fn is given
+    save_every: int = 100              # steps between resumable checkpoints (and one at the end)
+    log_every: int = 10                # steps per metrics.jsonl row (the loss is their mean)
+    keep_best: bool = True             # keep the adapter with the lowest eval loss in out_dir/best
+    early_stopping_patience: int | None = None  # stop after this many evals without improvement
+    # --- run ---
+    seed: int = 0
+    out_dir: str | Path = "runs/lora"
+    overwrite: bool = False            # start afresh in an out_dir that holds a checkpoint
+    device: str = "auto"               # "auto": cuda if available (cuda:LOCAL_RANK under torchrun)
+    precision: str = "auto"            # "auto": bf16 autocast on CUDA, float32 on CPU
+    progress: bool = True              # tqdm bar and a few printed lines, on rank 0 only
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # a JSON round trip gives a list
+        problems = []
+        if self.schedule not in SCHEDULES:
+            problems.append(f"schedule={self.schedule!r} is not one of {SCHEDULES}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision={self.precision!r} is not one of {PRECISIONS}")
+        for name in ("batch_size", "grad_accum", "eval_every", "save_every", "log_every"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            problems.append(f"max_steps must be >= 1 or None, got {self.max_steps}")
+        if self.max_steps is None and not self.epochs > 0:
+            problems.append(f"epochs must be > 0 when max_steps is None, got {self.epochs}")
+        if self.warmup_steps < 0 or self.lr <= 0 or self.weight_decay < 0:
+            problems.append("warmup_steps and weight_decay must be >= 0 and lr > 0")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            problems.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.seed < 0:
+            problems.append(f"seed must be >= 0, got {self.seed}")
+        if problems:
+            raise ValueError("bad TrainConfig: " + "; ".join(problems))
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
+                for k, v in self.__dict__.items()}
+
+
+@dataclass
+class TrainResult:
+    """What `train` did. Paths point into `out_dir`; `best_dir` is None when nothing was evaluated."""
+
+    steps: int                          # optimizer steps done (the last one's number)
+    train_loss: float | None            # mean loss of the last logged window
+    eval_metrics: dict[str, float]      # the last evaluation (eval_loss, eval_accuracy, eval_fn's)
+    best_step: int | None
+    best_eval_loss: float | None
+    stopped_early: bool
+    tokens: int                         # non-padding input tokens seen, all processes together
+    trainable_parameters: int
+    total_parameters: int
+    out_dir: Path
+    adapter_dir: Path
+    best_dir: Path | None
+    checkpoint_dir: Path
+    metrics_path: Path
+    plot_path: Path | None
+    run_path: Path

@@ -1,0 +1,307 @@
+"""The LoRA training loop, top to bottom: set up, (resume,) step, log, evaluate, checkpoint, save.
+
+One optimizer step = `grad_accum` batches. Each batch is a global batch: under torchrun every
+process draws the same batch from the same seeded `Batches` and keeps its own rows. Losses are
+summed, then divided once by the number of target tokens of the whole step, so a step means the
+same thing for 1 process or N, with any accumulation (see `loss.py`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import random
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lorakit.adapters import trainable_parameters
+from lorakit.inject import lora_state
+from lorakit.io import save_adapter
+
+from . import distributed
+from .checkpoint import (ResumeError, capture_rng, check_fingerprint, find_checkpoint, load_checkpoint,
+                         optimizer_from_files, optimizer_to_files, restore_rng, save_checkpoint)
+from .config import TrainConfig, TrainResult
+from .evaluation import EvalFn, evaluate
+from .log import MetricsLog, write_json_atomic
+from .loss import LossFn, compute_loss
+from .plot import plot_losses
+from .schedule import lr_factor
+
+StepCallback = Callable[[int, Mapping[str, float]], None]
+
+
+def train(model: nn.Module, train_batches: Iterable[Mapping[str, torch.Tensor]], config: TrainConfig, *,
+          eval_batches: Iterable[Mapping[str, torch.Tensor]] | None = None, eval_fn: EvalFn | None = None,
+          loss_fn: LossFn | None = None, adapter_name: str = "default", resume: bool = False,
+          on_step: StepCallback | None = None) -> TrainResult:
+    """Train the trainable parameters of `model` (an adapter injected with `lorakit.inject`).
+
+    `train_batches` yields collated global batches of `config.batch_size` examples, endlessly
+    (a `lorakit.data.Batches` with `epochs=None`; its position is checkpointed). `eval_batches`
+    gives the eval loss (and accuracy, for class labels); `eval_fn(model) -> {name: value}` adds
+    metrics on rank 0. `loss_fn(outputs, batch) -> (loss sum, item count)` replaces the built-in
+    losses (token-level cross-entropy for causal LMs, class cross-entropy for classifiers).
+    `on_step(step, metrics)` runs on every rank after each step and its checkpoint.
+
+    Files go to `config.out_dir`: adapter/ (PEFT format), best/, checkpoint/, metrics.jsonl,
+    loss.png, run.json. `resume=True` continues from checkpoint/ and ends with the adapter an
+    uninterrupted run would have ended with. The model is moved to the run's device.
+
+    Under torchrun, train() joins the process group from the environment and leaves it at the
+    end; a program that calls train() more than once per process should call
+    `torch.distributed.init_process_group()` itself (train() then leaves the group alone). Every
+    rank reads the checkpoint on resume, so out_dir must be on a file system they share.
+    """
+    d, device, created_group = distributed.setup(config.device)
+    try:
+        return _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter_name, resume,
+                      on_step, d, device)
+    finally:
+        if created_group:
+            torch.distributed.destroy_process_group()
+
+
+def _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter_name, resume, on_step,
+           d: distributed.Dist, device: torch.device) -> TrainResult:
+    out = Path(config.out_dir)
+    paths = {"adapter": out / "adapter", "best": out / "best", "checkpoint": out / "checkpoint",
+             "metrics": out / "metrics.jsonl", "plot": out / "loss.png", "run": out / "run.json"}
+    say = print if (config.progress and d.is_main) else (lambda *a, **k: None)
+    bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+
+    # --- what trains, and how ---------------------------------------------------------------
+    lora_config = lora_state(model).configs.get(adapter_name)
+    if lora_config is None:
+        raise KeyError(f"no adapter {adapter_name!r} on this model; it has {list(lora_state(model).configs)}")
+    if getattr(train_batches, "batch_size", config.batch_size) != config.batch_size:
+        raise ValueError(f"train_batches yields batches of {train_batches.batch_size} examples but config.batch_size "
+                         f"is {config.batch_size}; build Batches(examples, config.batch_size, ...)")
+    model.to(device)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("the model has no trainable parameters; inject an adapter with lorakit.inject first")
+    # Decay the LoRA matrices, not biases or norms (1-D), as is usual for AdamW.
+    groups = [[(n, p) for n, p in named if p.ndim >= 2], [(n, p) for n, p in named if p.ndim < 2]]
+    names = [n for g in groups for n, _ in g]
+    params = [p for g in groups for _, p in g]
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for _, p in groups[0]], "weight_decay": config.weight_decay},
+         {"params": [p for _, p in groups[1]], "weight_decay": 0.0}], lr=config.lr, betas=config.betas, eps=config.eps)
+    per_epoch = len(train_batches) if hasattr(train_batches, "__len__") else None
+    if config.max_steps is None and not per_epoch:
+        raise ValueError("train_batches has no length, so epochs cannot be counted; set config.max_steps")
+    total_steps = config.max_steps or max(1, int(config.epochs * per_epoch) // config.grad_accum)
+    n_trainable, n_total = trainable_parameters(model)
+    fingerprint = _fingerprint(config, lora_config, adapter_name, named, d, train_batches)
+
+    # --- a new run, or the continuation of one ----------------------------------------------
+    step, tokens, best_loss, best_step, since_best, window = 0, 0, None, None, 0, [0.0, 0]
+    stopped = False
+    if resume:
+        ckpt = load_checkpoint(paths["checkpoint"])
+        check_fingerprint(ckpt.state["fingerprint"], fingerprint, ckpt.path)
+        with torch.no_grad():
+            for n, p in named:
+                p.copy_(ckpt.params[n])
+        optimizer_from_files(optimizer, names, ckpt.optimizer_tensors, ckpt.state["optimizer_groups"])
+        if not hasattr(train_batches, "load_state_dict"):
+            raise ResumeError("train_batches cannot be put back at the checkpoint's data position; pass a "
+                              "lorakit.data.Batches (it has state_dict/load_state_dict)")
+        train_batches.load_state_dict(ckpt.state["batches"])
+        restore_rng(ckpt.rng_for(d.rank), device)
+        s = ckpt.state
+        step, tokens, best_loss, best_step = s["step"], s["tokens"], s["best_eval_loss"], s["best_step"]
+        since_best, window, stopped = s["evals_since_best"], s["log_window"], s["stopped_early"]
+        if s["total_steps"] != total_steps and d.is_main:
+            warnings.warn(f"the checkpoint was written for a run of {s['total_steps']} steps, this one has "
+                          f"{total_steps}: the lr schedule changes, so the result is not that of one "
+                          "uninterrupted run", stacklevel=3)
+        say(f"resuming from {ckpt.path} at step {step}")
+    else:
+        if find_checkpoint(paths["checkpoint"]) is not None and not config.overwrite:
+            raise ResumeError(f"{paths['checkpoint']} holds a checkpoint of an earlier run; pass resume=True "
+                              f"(--resume) to continue it, or overwrite=True to start afresh")
+        if d.is_main and config.overwrite:
+            for old in (paths["checkpoint"], paths["best"]):
+                shutil.rmtree(old, ignore_errors=True)
+        random.seed(config.seed + d.rank)  # each rank its own dropout masks
+        np.random.seed(config.seed + d.rank)
+        torch.manual_seed(config.seed + d.rank)
+        distributed.broadcast_from_main(params, d)  # every rank starts from rank 0's adapter
+    distributed.barrier(d)  # nobody trains while rank 0 may still be deleting an old run's files
+
+    log = MetricsLog(paths["metrics"], enabled=d.is_main)
+    log.start(step if resume else None)
+    run_info = {"config": config.to_json(), "adapter_name": adapter_name, "lora_config": fingerprint["lora"],
+                "trainable_parameters": n_trainable, "total_parameters": n_total,
+                "trainable_fraction": n_trainable / max(n_total, 1),
+                "adapter_bytes": sum(p.numel() * p.element_size() for p in params),
+                "model_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+                "total_steps": total_steps, "world_size": d.world_size, "device": str(device),
+                "precision": "bf16 autocast" if bf16 else "float32", "torch": torch.__version__,
+                "lorakit": _lorakit_version(), "resumed_from_step": step if resume else None}
+    if d.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(paths["run"], run_info)
+    say(f"trainable parameters: {n_trainable:,} of {n_total:,} ({100 * n_trainable / max(n_total, 1):.3f}%); "
+        f"{total_steps} steps of {config.batch_size}x{config.grad_accum} examples on {d.world_size} process(es), "
+        f"{device}, {run_info['precision']}")
+
+    # --- the loop -----------------------------------------------------------------------------
+    ddp_model = distributed.wrap(model, d, device)
+    was_training = model.training
+    model.train()
+    batches = iter(train_batches)
+    bar = tqdm(total=total_steps, initial=step, disable=not (config.progress and d.is_main), unit="step",
+               dynamic_ncols=True)
+    evaluating = eval_batches is not None or eval_fn is not None
+    last_row: dict[str, Any] = {}
+    eval_metrics: dict[str, float] = {}
+    window_seconds, window_tokens = 0.0, 0  # training time only: evals and saves are left out
+    try:
+        while step < total_steps and not stopped:
+            step_start = time.perf_counter()
+            micro = list(islice(batches, config.grad_accum))
+            if len(micro) < config.grad_accum:
+                raise ValueError(f"train_batches ran out at step {step}; give it no epoch limit (Batches(..., "
+                                 f"epochs=None)): config.max_steps / config.epochs decide how long to train")
+            sums = torch.zeros(2, device=device)  # (loss sum, target count) over the step, this rank
+            step_tokens = sum(_count_tokens(batch) for batch in micro)
+            for i, batch in enumerate(micro):
+                local = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+                         for k, v in distributed.shard(batch, d).items()}
+                last = i == len(micro) - 1
+                sync = contextlib.nullcontext() if last or not d.enabled else ddp_model.no_sync()
+                with sync:  # DDP all-reduces the adapter's gradients once per step, after the last batch
+                    with autocast():
+                        total, count, _ = compute_loss(ddp_model, local, config.label_smoothing, loss_fn)
+                    total.backward()
+                sums += torch.stack([total.detach().float(), torch.as_tensor(count, device=device).float()])
+            distributed.all_reduce_sum(sums, d)
+            # DDP averaged the gradients of the ranks' sums; make them the gradient of the step's mean.
+            scale = d.world_size / sums[1].clamp(min=1)
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
+            lr = config.lr * lr_factor(step + 1, total_steps=total_steps, warmup_steps=config.warmup_steps,
+                                       schedule=config.schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss = (sums[0] / sums[1].clamp(min=1)).item()  # .item() waits for the GPU: the step is done
+            window_seconds += time.perf_counter() - step_start
+            tokens, window_tokens = tokens + step_tokens, window_tokens + step_tokens
+            window = [window[0] + loss, window[1] + 1]
+            bar.update(1)
+            last_step = step == total_steps
+            if step % config.log_every == 0 or last_step:
+                last_row = {"step": step, "epoch": _epoch(train_batches, per_epoch), "loss": window[0] / window[1],
+                            "lr": lr, "grad_norm": grad_norm.item(),
+                            "tokens_per_s": window_tokens / max(window_seconds, 1e-9),
+                            "tokens": tokens}
+                log.write(last_row)
+                bar.set_postfix(loss=f"{last_row['loss']:.4f}", tok_s=f"{last_row['tokens_per_s']:.0f}")
+                window, window_seconds, window_tokens = [0.0, 0], 0.0, 0
+            evaluated = evaluating and (step % config.eval_every == 0 or last_step)
+            if evaluated:
+                eval_metrics = evaluate(model, eval_batches, eval_fn=eval_fn, loss_fn=loss_fn, d=d, device=device,
+                                        autocast=autocast)
+                log.write({"step": step, **eval_metrics})
+                if "eval_loss" in eval_metrics:  # all-reduced: every rank takes the same decisions
+                    if best_loss is None or eval_metrics["eval_loss"] < best_loss:
+                        best_loss, best_step, since_best = eval_metrics["eval_loss"], step, 0
+                        if config.keep_best and d.is_main:
+                            save_adapter(model, paths["best"], adapter_name)
+                    else:
+                        since_best += 1
+                        stopped = config.early_stopping_patience is not None and \
+                            since_best >= config.early_stopping_patience
+            if step % config.save_every == 0 or last_step or stopped:
+                rng = distributed.all_gather_json(capture_rng(device), d, device)
+                if d.is_main:
+                    opt_tensors, opt_groups = optimizer_to_files(optimizer, names)
+                    save_checkpoint(paths["checkpoint"], params=dict(named), optimizer_tensors=opt_tensors,
+                                    rng_states=rng, state={"step": step, "total_steps": total_steps, "tokens": tokens,
+                                           "batches": _batches_state(train_batches), "fingerprint": fingerprint,
+                                           "optimizer_groups": opt_groups, "scheduler": {"step": step, "lr": lr},
+                                           "best_eval_loss": best_loss, "best_step": best_step,
+                                           "evals_since_best": since_best, "stopped_early": stopped,
+                                           "log_window": window})
+                    plot_losses(paths["metrics"], paths["plot"])
+            if on_step is not None:
+                on_step(step, {"loss": loss, "lr": lr, "grad_norm": grad_norm.item(),
+                               **(eval_metrics if evaluated else {})})
+    finally:
+        bar.close()
+        model.train(was_training)
+
+    # --- the product ----------------------------------------------------------------------------
+    if d.is_main:
+        save_adapter(model, paths["adapter"], adapter_name)
+        plot = plot_losses(paths["metrics"], paths["plot"])
+    distributed.barrier(d)
+    result = TrainResult(
+        steps=step, train_loss=last_row.get("loss"), eval_metrics=eval_metrics, best_step=best_step,
+        best_eval_loss=best_loss, stopped_early=stopped, tokens=tokens, trainable_parameters=n_trainable,
+        total_parameters=n_total, out_dir=out, adapter_dir=paths["adapter"],
+        best_dir=paths["best"] if best_step is not None and config.keep_best else None,
+        checkpoint_dir=paths["checkpoint"], metrics_path=paths["metrics"],
+        plot_path=plot if d.is_main else paths["plot"], run_path=paths["run"])
+    if d.is_main:
+        write_json_atomic(paths["run"], {**run_info, "result": {
+            k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items()}})
+        say(f"done: step {step}, train loss {result.train_loss}, best eval loss {best_loss} (step {best_step}); "
+            f"adapter in {paths['adapter']}")
+    return result
+
+
+def _fingerprint(config: TrainConfig, lora_config: Any, adapter_name: str, named: list[tuple[str, nn.Parameter]],
+                 d: distributed.Dist, train_batches: Any) -> dict[str, Any]:
+    """What a resumed run must share with the run that wrote the checkpoint."""
+    shapes = hashlib.sha256(json.dumps([(n, list(p.shape)) for n, p in named]).encode()).hexdigest()[:16]
+    lora = {k: (list(v) if isinstance(v, tuple) else v) for k, v in lora_config.__dict__.items()}
+    same = ("lr", "weight_decay", "betas", "eps", "warmup_steps", "schedule", "max_grad_norm", "label_smoothing",
+            "batch_size", "grad_accum", "seed")
+    return {"adapter_name": adapter_name, "lora": json.loads(json.dumps(lora, default=list)),
+            "trainable_tensors": shapes, "trainable_parameters": sum(p.numel() for _, p in named),
+            "world_size": d.world_size, "num_examples": len(getattr(train_batches, "examples", ())) or None,
+            **{k: getattr(config, k) for k in same}}
+
+
+def _lorakit_version() -> str:
+    import lorakit  # at call time: lorakit/__init__ may import this module
+    return lorakit.__version__
+
+
+def _count_tokens(batch: Mapping[str, Any]) -> int:
+    """Non-padding input tokens of a (global) batch."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    ids = batch.get("input_ids")
+    return int(ids.numel()) if ids is not None else 0
+
+
+def _epoch(train_batches: Any, per_epoch: int | None) -> float | None:
+    if per_epoch and hasattr(train_batches, "epoch"):
+        return round(train_batches.epoch + train_batches.index / per_epoch, 4)
+    return None
+
+
+def _batches_state(train_batches: Any) -> dict[str, Any] | None:
+    return train_batches.state_dict() if hasattr(train_batches, "state_dict") else None
