@@ -364,3 +364,21 @@ def test_other_labels_use_the_models_own_loss_weighted_by_target_tokens():
     assert count == 3 and total == pytest.approx(7.5)
     with pytest.raises(ValueError, match="loss_fn"):
         compute_loss(Seq2Seq(), batch, label_smoothing=0.1)
+
+
+def test_full_fine_tuning_baseline_saves_a_whole_model(tmp_path):
+    """adapter_name=None trains every weight (the paper's baseline) and writes a transformers model."""
+    from transformers import LlamaForCausalLM
+
+    model = tiny_llama()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = train(model, batches(token_examples(), 8), config(tmp_path, max_steps=3, label_smoothing=0.0),
+                   adapter_name=None)
+    assert result.trainable_parameters == result.total_parameters
+    moved = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert "model.layers.0.mlp.down_proj.weight" in moved and "model.embed_tokens.weight" in moved
+    reloaded = LlamaForCausalLM.from_pretrained(result.adapter_dir).eval()
+    ids = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model.eval()(ids).logits)
+    assert not list(tmp_path.glob(".*tmp*"))

@@ -9,7 +9,7 @@ from pathlib import Path
 from .adapters import merge as merge_adapters
 from .config import ALL_LINEAR, LoraConfig
 from .data import ClassificationExample, Example, load_examples
-from .finetune import DataSpec, finetune, load_model
+from .finetune import DataSpec, finetune, is_main_process, load_model
 from .generate import generate_text
 from .inject import unload
 from .io import load_adapter
@@ -36,7 +36,8 @@ def train(args: argparse.Namespace) -> None:
                     text_column=args.text_column, text_pair_column=args.text_pair_column,
                     label_column=args.label_column)
     result, _, _ = finetune(args.model, data, lora, config, task=args.task, resume=args.resume)
-    print(f"done: {result.steps} steps; adapter in {result.adapter_dir}; metrics in {result.metrics_path}")
+    if is_main_process():
+        print(f"done: {result.steps} steps; adapter in {result.adapter_dir}; metrics in {result.metrics_path}")
 
 
 def _model_with_adapter(args: argparse.Namespace, task: str = "causal"):

@@ -44,7 +44,7 @@ StepCallback = Callable[[int, Mapping[str, float]], None]
 
 def train(model: nn.Module, train_batches: Iterable[Mapping[str, torch.Tensor]], config: TrainConfig, *,
           eval_batches: Iterable[Mapping[str, torch.Tensor]] | None = None, eval_fn: EvalFn | None = None,
-          loss_fn: LossFn | None = None, adapter_name: str = "default", resume: bool = False,
+          loss_fn: LossFn | None = None, adapter_name: str | None = "default", resume: bool = False,
           on_step: StepCallback | None = None) -> TrainResult:
     """Train the trainable parameters of `model` (an adapter injected with `lorakit.inject`).
 
@@ -83,9 +83,11 @@ def _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
     # --- what trains, and how ---------------------------------------------------------------
-    lora_config = lora_state(model).configs.get(adapter_name)
-    if lora_config is None:
-        raise KeyError(f"no adapter {adapter_name!r} on this model; it has {list(lora_state(model).configs)}")
+    lora_config = None  # adapter_name=None: full fine-tuning of whatever requires grad (the baseline)
+    if adapter_name is not None:
+        lora_config = lora_state(model).configs.get(adapter_name)
+        if lora_config is None:
+            raise KeyError(f"no adapter {adapter_name!r} on this model; it has {list(lora_state(model).configs)}")
     if getattr(train_batches, "batch_size", config.batch_size) != config.batch_size:
         raise ValueError(f"train_batches yields batches of {train_batches.batch_size} examples but config.batch_size "
                          f"is {config.batch_size}; build Batches(examples, config.batch_size, ...)")
@@ -227,7 +229,7 @@ def _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter
                     if best_loss is None or eval_metrics["eval_loss"] < best_loss:
                         best_loss, best_step, since_best = eval_metrics["eval_loss"], step, 0
                         if config.keep_best and d.is_main:
-                            save_adapter(model, paths["best"], adapter_name)
+                            _save_product(model, paths["best"], adapter_name)
                     else:
                         since_best += 1
                         stopped = config.early_stopping_patience is not None and \
@@ -253,7 +255,7 @@ def _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter
 
     # --- the product ----------------------------------------------------------------------------
     if d.is_main:
-        save_adapter(model, paths["adapter"], adapter_name)
+        _save_product(model, paths["adapter"], adapter_name)
         plot = plot_losses(paths["metrics"], paths["plot"])
     distributed.barrier(d)
     result = TrainResult(
@@ -275,13 +277,27 @@ def _fingerprint(config: TrainConfig, lora_config: Any, adapter_name: str, named
                  d: distributed.Dist, train_batches: Any) -> dict[str, Any]:
     """What a resumed run must share with the run that wrote the checkpoint."""
     shapes = hashlib.sha256(json.dumps([(n, list(p.shape)) for n, p in named]).encode()).hexdigest()[:16]
-    lora = {k: (list(v) if isinstance(v, tuple) else v) for k, v in lora_config.__dict__.items()}
+    lora = {k: (list(v) if isinstance(v, tuple) else v) for k, v in lora_config.__dict__.items()} \
+        if lora_config is not None else None
     same = ("lr", "weight_decay", "betas", "eps", "warmup_steps", "schedule", "max_grad_norm", "label_smoothing",
             "batch_size", "grad_accum", "seed")
     return {"adapter_name": adapter_name, "lora": json.loads(json.dumps(lora, default=list)),
             "trainable_tensors": shapes, "trainable_parameters": sum(p.numel() for _, p in named),
             "world_size": d.world_size, "num_examples": len(getattr(train_batches, "examples", ())) or None,
             **{k: getattr(config, k) for k in same}}
+
+
+def _save_product(model: nn.Module, path: Path, adapter_name: str | None) -> None:
+    """The adapter in PEFT format; for full fine-tuning (no adapter), the whole model as
+    transformers writes it (safetensors), via a temp dir so a crash leaves no half-written model."""
+    if adapter_name is not None:
+        save_adapter(model, path, adapter_name)
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
 
 
 def _lorakit_version() -> str:
