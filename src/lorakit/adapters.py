@@ -76,8 +76,7 @@ def merge(model: nn.Module, *, safe: bool = True) -> None:
 
 
 def _check_finite(layer: LoraLayer, name: str) -> None:
-    delta = layer.delta_weight(name)
-    if not torch.isfinite(delta).all() or not torch.isfinite(layer.base_weight.float() + delta.float()).all():
+    if not torch.isfinite(layer.merged_weight(name)).all():
         raise MergeError(f"{layer.module_name}: merging adapter {name!r} would write non-finite values "
                          f"into the base weight; nothing was merged")
 

@@ -121,6 +121,10 @@ class LoraConfig:
     def alpha_for(self, module_name: str) -> float:
         return _pattern_value(self.alpha_pattern, module_name, self.alpha)
 
+    def fused_slices_for(self, module_name: str) -> tuple[bool, ...] | None:
+        """The slice mask for a fused projection, or None for an ordinary layer."""
+        return next((v for k, v in self.fused_projections.items() if name_matches(module_name, [k])), None)
+
     def scaling(self, r: int, alpha: float) -> float:
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 

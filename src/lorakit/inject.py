@@ -172,7 +172,7 @@ def _find_saved(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Modu
 
 
 def _wrap(model: nn.Module, module_name: str, module: nn.Module, config: LoraConfig) -> LoraLayer:
-    slices = next((v for k, v in config.fused_projections.items() if name_matches(module_name, [k])), None)
+    slices = config.fused_slices_for(module_name)
     if isinstance(module, LoraLayer):
         existing = getattr(module, "slices", None)
         if (slices is None) != (existing is None) or (slices is not None and tuple(slices) != existing):

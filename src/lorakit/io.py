@@ -349,7 +349,7 @@ def _probe(module_name: str, module: nn.Module, config: LoraConfig) -> LoraLayer
     model's own module (even one that already carries adapters) is never changed."""
     base = _base_of(module)
     slices = getattr(module, "slices", None) if isinstance(module, LoraLayer) else \
-        next((v for k, v in config.fused_projections.items() if name_matches(module_name, [k])), None)
+        config.fused_slices_for(module_name)
     return LoraFusedLinear(base, slices, module_name) if slices else lora_class_for(base)(base, module_name)
 
 

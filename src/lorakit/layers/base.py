@@ -131,15 +131,19 @@ class LoraLayer(nn.Module):
             self.merged_adapters.remove(name)
 
     @torch.no_grad()
-    def _add_to_weight(self, name: str, sign: int, safe: bool) -> None:
+    def merged_weight(self, name: str, sign: int = +1) -> torch.Tensor:
+        """W ± ΔW, accumulated in at least float32 so a bf16/fp16 base rounds once, not per operation."""
         weight = self.base_weight
-        # Accumulate in at least float32 so a bf16/fp16 base rounds once, not per operation.
         acc = torch.promote_types(weight.dtype, torch.float32)
-        new = weight.to(acc) + sign * self.delta_weight(name).to(acc)
+        return weight.to(acc) + sign * self.delta_weight(name).to(acc)
+
+    @torch.no_grad()
+    def _add_to_weight(self, name: str, sign: int, safe: bool) -> None:
+        new = self.merged_weight(name, sign)
         if safe and not torch.isfinite(new).all():
             raise MergeError(f"{self.module_name}: merging adapter {name!r} would write non-finite "
                              f"values into the base weight; the weight was left unchanged")
-        weight.copy_(new.to(weight.dtype))
+        self.base_weight.copy_(new.to(self.base_weight.dtype))
 
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{n}(r={self.rank[n]}, s={self.scaling[n]:g})" for n in self.adapter_names)
