@@ -116,3 +116,33 @@ def test_merge_writes_a_model_transformers_loads(trained, model_dir, tmp_path):
 def test_missing_adapter_is_a_clear_error(model_dir, tmp_path, capsys):
     rc = main(["generate", "--model", str(model_dir), "--adapter", str(tmp_path / "nope"), "--prompt", "hi"])
     assert rc == 2 and "no such adapter directory" in capsys.readouterr().err
+
+
+def test_classification_train_and_eval(tmp_path):
+    """`--task classification` defaults to the paper's query/value targets and trains the new head."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    from test_data import SST2_LINES
+
+    rows = SST2_LINES[1:]  # [0] is the header
+    words = sorted({w for line in rows for w in line.split("\t")[0].split()})
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
+    model_dir = tmp_path / "bert"
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=4, intermediate_size=64)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    data = tmp_path / "train.tsv"
+    data.write_text("sentence\tlabel\n" + "\n".join(rows * 4) + "\n")
+    out = tmp_path / "run"
+    assert main(["train", "--task", "classification", "--model", str(model_dir), "--data", str(data),
+                 "--eval-data", str(data), "--out", str(out), "--steps", "3", "--batch-size", "4",
+                 "--device", "cpu"]) == 0
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["query", "value"] and config["modules_to_save"] == ["classifier"]
+    scores = tmp_path / "scores.json"
+    assert main(["eval", "--task", "classification", "--model", str(model_dir), "--adapter", str(out / "adapter"),
+                 "--data", str(data), "--out", str(scores)]) == 0
+    result = json.loads(scores.read_text())
+    assert result["examples"] == 4 * len(rows) and 0.0 <= result["accuracy"] <= 1.0

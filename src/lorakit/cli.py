@@ -26,8 +26,10 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/lora", help="run directory")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16)
-    p.add_argument("--targets", default="q_proj,v_proj", help="comma list, a regex, or all-linear")
-    p.add_argument("--modules-to-save", help="comma list of modules trained in full (e.g. classifier)")
+    p.add_argument("--targets", help="comma list, a regex, or all-linear (default: the paper's Wq, Wv: "
+                   "q_proj,v_proj; query,value for --task classification)")
+    p.add_argument("--modules-to-save", help="comma list of modules trained in full (default for "
+                   "--task classification: classifier)")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--weight-decay", type=float, default=0.01)
@@ -48,6 +50,8 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--text-pair-column")
     p.add_argument("--label-column", default="label")
     p.add_argument("--device", default="auto")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun, shard the model across processes (FSDP2) instead of one copy each (DDP)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     p.add_argument("--overwrite", action="store_true", help="start afresh in an OUT that has a checkpoint")
     return p
@@ -93,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--steps", type=int, default=60)
     d.add_argument("--device", default="auto")
+
+    a = sub.add_parser("analyze", help="norms, spectra, subspace similarity and ΔW-vs-W amplification of "
+                                       "one or two adapters (Hu et al. 2021, §7)")
+    a.add_argument("adapter", help="adapter directory (PEFT format)")
+    a.add_argument("adapter2", nargs="?", help="a second adapter of the same base model, to compare with")
+    a.add_argument("--model", help="base model ('default', a model dir or a .gguf file) for the amplification table")
+    a.add_argument("--out", required=True, help="directory for report.md, report.json and the PNG figures")
+    a.add_argument("--seed", type=int, default=0, help="seed of the random directions in the amplification table")
     return parser
 
 

@@ -24,13 +24,18 @@ def _targets(text: str) -> list[str] | str:
 
 
 def train(args: argparse.Namespace) -> None:
-    lora = LoraConfig(r=args.rank, alpha=args.alpha, dropout=args.dropout, target_modules=_targets(args.targets),
-                      modules_to_save=[m for m in (args.modules_to_save or "").split(",") if m] or None)
+    classify = args.task == "classification"
+    # §4.2 defaults: adapt Wq and Wv; a classifier's new head has to train in full.
+    targets = args.targets or ("query,value" if classify else "q_proj,v_proj")
+    saved = args.modules_to_save if args.modules_to_save is not None else ("classifier" if classify else "")
+    lora = LoraConfig(r=args.rank, alpha=args.alpha, dropout=args.dropout, target_modules=_targets(targets),
+                      modules_to_save=[m for m in saved.split(",") if m] or None)
     config = TrainConfig(lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup,
                          schedule=args.schedule, label_smoothing=args.label_smoothing, epochs=args.epochs,
                          max_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                          eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
-                         out_dir=args.out, overwrite=args.overwrite, device=args.device)
+                         out_dir=args.out, overwrite=args.overwrite, device=args.device,
+                         fsdp=args.fsdp)
     data = DataSpec(train=args.data, eval=args.eval_data, format=args.format, seq_len=args.seq_len,
                     chat_template=args.chat_template, skip_bad_lines=args.skip_bad_lines,
                     text_column=args.text_column, text_pair_column=args.text_pair_column,
@@ -96,7 +101,7 @@ def _eval_classification(args: argparse.Namespace, examples: list) -> dict:
 
     from .data import collate, tokenize_classification
 
-    model, tokenizer = load_model(args.model, "classification")
+    model, tokenizer = load_model(args.model, "classification", num_labels=max(ex.label for ex in examples) + 1)
     if args.adapter:
         load_adapter(model, args.adapter)
     model.eval()
@@ -125,3 +130,20 @@ def demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
     run_demo(out_dir=args.out, steps=args.steps, device=args.device)
+
+
+def analyze(args: argparse.Namespace) -> None:
+    from .analysis import analyze_adapters, common_layers, read_adapter_deltas, write_report
+
+    adapters = [read_adapter_deltas(p) for p in (args.adapter, args.adapter2) if p]
+    common_layers(adapters)  # adapters that cannot be compared fail here, before a model loads
+    model = None
+    if args.model:
+        from .models import load_causal_lm
+
+        model, _ = load_causal_lm(args.model)
+    report = analyze_adapters(adapters, model, seed=args.seed, model_name=args.model)
+    written = write_report(report, args.out)
+    skipped = len(report["skipped"]) + len(report["amplification_skipped"])
+    print(f"analysed {len(report['layers'])} layer(s)" + (f", skipped {skipped} (see the report)" if skipped else "")
+          + f"; wrote {written['markdown']}, {written['json']} and {len(written['figures'])} figure(s)")

@@ -89,7 +89,7 @@ def finetune(model_spec: str, data: DataSpec, lora: LoraConfig, config: TrainCon
     to see first: trainable parameters against the total, and the adapter's size against the base's."""
     train_ex, eval_ex, label_map = read_data(data, task)
     if model is None:
-        model, tokenizer = load_model(model_spec, task, num_labels=len(label_map) if label_map else 2)
+        model, tokenizer = load_model(model_spec, task, num_labels=max(label_map.values()) + 1 if label_map else 2)
     base = model_info(model)
     inject(model, lora)  # train() prints trainable vs total parameters
 
