@@ -1,0 +1,189 @@
+"""Figures of an analysis report as PNGs: φ heatmaps (in the spirit of Hu et al. 2021, Figures 3-4),
+singular-value spectra of ΔW, and the amplification of Table 7 per layer.
+
+Matplotlib's object API with the Agg canvas: no pyplot, so no global backend is chosen, no figure
+is left registered anywhere and no window can open, whatever the caller's matplotlib settings.
+Layers are grouped by module kind (``model.layers.*.self_attn.q_proj``): one figure per group.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import uuid
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["write_figures", "group_of"]
+
+_MAX_COLS = 6
+
+
+def group_of(name: str) -> str:
+    """``model.layers.3.self_attn.q_proj`` -> ``model.layers.*.self_attn.q_proj``."""
+    return re.sub(r"(?<=\.)\d+(?=\.|$)", "*", name)
+
+
+def write_figures(report: dict, out_dir: str | os.PathLike) -> list[str]:
+    """Write every figure of ``report`` (as ``analyze_adapters`` returns it) into ``out_dir``;
+    returns the file names, in the order the report should show them."""
+    out = Path(out_dir)
+    labels = [a["label"] for a in report["adapters"]]
+    written = []
+    groups: dict[str, list[dict]] = {}
+    for layer in report["layers"]:
+        groups.setdefault(layer["group"], []).append(layer)
+    for group, layers in groups.items():
+        slug = _slug(group)
+        if len(labels) == 2:
+            for factor in ("A", "B"):
+                name = f"subspace_{factor}_{slug}.png"
+                _save(_subspace_figure(layers, factor, group, labels), out / name)
+                written.append(name)
+        name = f"spectrum_{slug}.png"
+        _save(_spectra_figure(layers, group, labels), out / name)
+        written.append(name)
+    amplified = [layer for layer in report["layers"] if "amplification" in layer["adapters"][0]]
+    if amplified:
+        _save(_amplification_figure(amplified, labels), out / "amplification.png")
+        written.append("amplification.png")
+    return written
+
+
+def _subspace_figure(layers: Sequence[dict], factor: str, group: str, labels: Sequence[str]):
+    fig, axes = _grid_figure(len(layers), cell=(2.4, 2.2), colorbar=True)
+    image = None
+    for n, (ax, layer) in enumerate(zip(axes, layers)):
+        phi = layer["subspace"][factor]
+        r1, r2 = len(phi), len(phi[0])
+        # extent puts i = 1..r1 down the rows and j = 1..r2 along the columns, as in the paper
+        image = ax.imshow(phi, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto", interpolation="nearest",
+                          extent=(0.5, r2 + 0.5, r1 + 0.5, 0.5))
+        ax.set_title(_short(layer), fontsize=8)
+        _outer_labels(ax, n, len(layers), f"j ({labels[1]})", f"i ({labels[0]})")
+        _integer_ticks(ax, "x", "y")
+        ax.tick_params(labelsize=6)
+    singular = "right" if factor == "A" else "left"
+    fig.suptitle(f"φ(i, j) of {factor} ({singular}-singular vectors), {group}", fontsize=9)
+    if image is not None:
+        fig.colorbar(image, cax=fig.axes[-1], label="φ")
+    return fig
+
+
+def _spectra_figure(layers: Sequence[dict], group: str, labels: Sequence[str]):
+    from matplotlib import colormaps
+
+    fig, axes = _grid_figure(len(labels), cell=(4.2, 3.2))
+    cmap = colormaps["viridis"]
+    for k, (ax, label) in enumerate(zip(axes, labels)):
+        for n, layer in enumerate(layers):
+            s = [v for v in layer["adapters"][k]["singular_values"] if v > 0]
+            if s:
+                color = cmap(n / max(len(layers) - 1, 1))
+                ax.semilogy(range(1, len(s) + 1), s, "o-", markersize=2, linewidth=0.8, color=color,
+                            label=_short(layer) if len(layers) <= 8 else None)
+        ax.set_title(label, fontsize=8)
+        ax.set_xlabel("k", fontsize=7)
+        ax.set_ylabel("σ_k(ΔW)", fontsize=7)
+        _integer_ticks(ax, "x")
+        ax.tick_params(which="both", labelsize=6)
+        ax.grid(alpha=0.3)
+        if len(layers) <= 8 and layers:
+            ax.legend(fontsize=6)
+    suffix = f" (colour: layer order, {len(layers)} layers)" if len(layers) > 8 else ""
+    fig.suptitle(f"singular values of ΔW, {group}{suffix}", fontsize=9)
+    return fig
+
+
+def _amplification_figure(layers: Sequence[dict], labels: Sequence[str]):
+    from matplotlib.figure import Figure
+
+    width_in, height_in = max(6.0, 0.25 * len(layers) + 2), 7.0
+    fig = Figure(figsize=(width_in, height_in), dpi=100)
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw=dict(
+        left=0.9 / width_in, right=1 - 0.2 / width_in, top=1 - 0.4 / height_in, bottom=1.0 / height_in, hspace=0.1))
+    x = list(range(len(layers)))
+    width = 0.8 / len(labels)
+    for k, label in enumerate(labels):
+        values = [_finite(layer["adapters"][k]["amplification"]["amplification"]) for layer in layers]
+        top.bar([i + (k - (len(labels) - 1) / 2) * width for i in x], values, width, label=label)
+    top.set_ylabel("‖ΔW‖_F / ‖UᵀWV‖_F")
+    top.set_title("amplification factor (Table 7)", fontsize=9)
+    top.legend(fontsize=7)
+    rows = [layer["adapters"][0]["amplification"] for layer in layers]
+    for key, label, style in (("projected_norm", "U, V of ΔW", "o-"), ("w_projected_norm", "top-r of W", "s-"),
+                              ("random_projected_norm", "random", "^-"), ("w_norm", "‖W‖_F", ":")):
+        bottom.semilogy(x, [_finite(row[key], floor=True) for row in rows], style, markersize=3, label=label)
+    bottom.set_ylabel(f"‖UᵀWV‖_F ({labels[0]})")
+    bottom.set_xticks(x, [_short(layer, module=True) for layer in layers], rotation=90, fontsize=6)
+    bottom.legend(fontsize=7)
+    bottom.grid(alpha=0.3)
+    return fig
+
+
+def _grid_figure(n: int, cell: tuple[float, float], colorbar: bool = False):
+    """A grid of n axes, at most _MAX_COLS wide, with fixed margins in inches (a constrained layout
+    costs seconds per figure at 30 panels); with ``colorbar``, its axes is ``fig.axes[-1]``."""
+    from matplotlib.figure import Figure
+
+    cols = min(n, _MAX_COLS)
+    rows = math.ceil(n / cols)
+    left, right, top, bottom = 0.6, 0.3 + (0.9 if colorbar else 0.0), 0.6, 0.5  # inches
+    width, height = cell[0] * cols + left + right, cell[1] * rows + top + bottom
+    fig = Figure(figsize=(width, height), dpi=100)
+    axes = fig.subplots(rows, cols, squeeze=False, gridspec_kw=dict(
+        left=left / width, right=1 - right / width, top=1 - top / height, bottom=bottom / height,
+        wspace=0.35, hspace=0.45)).ravel()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    if colorbar:
+        fig.add_axes((1 - (right - 0.25) / width, bottom / height, 0.15 / width, 1 - (top + bottom) / height))
+    return fig, list(axes[:n])
+
+
+def _outer_labels(ax, n: int, total: int, xlabel: str, ylabel: str) -> None:
+    """Axis labels on the left column and on the lowest panel of each column only."""
+    cols = min(total, _MAX_COLS)
+    if n % cols == 0:
+        ax.set_ylabel(ylabel, fontsize=7)
+    if n + cols >= total:
+        ax.set_xlabel(xlabel, fontsize=7)
+
+
+def _save(fig, path: Path) -> None:
+    """Render with the Agg canvas into a temp file beside ``path``, then rename it into place."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    tmp = path.with_name(f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}.png")
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _short(layer: dict, module: bool = False) -> str:
+    """``layer 3`` (or ``3.q_proj`` with ``module``); the full name where there is no index."""
+    if layer.get("index") is None:
+        return layer["name"]
+    return f"{layer['index']}.{layer['name'].rsplit('.', 1)[-1]}" if module else f"layer {layer['index']}"
+
+
+def _integer_ticks(ax, *axes: str) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    for which in axes:
+        getattr(ax, f"{which}axis").set_major_locator(MaxNLocator(integer=True))
+
+
+def _slug(group: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", group.replace(".*", "")).strip("._") or "layers"
+
+
+def _finite(value: float | None, floor: bool = False) -> float:
+    if value is None or not math.isfinite(value):
+        return math.nan  # matplotlib leaves a gap
+    return value if not floor or value > 0 else math.nan
