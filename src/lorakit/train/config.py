@@ -42,6 +42,8 @@ class TrainConfig:
     out_dir: str | Path = "runs/lora"
     overwrite: bool = False            # start afresh in an out_dir that holds a checkpoint
     device: str = "auto"               # "auto": cuda if available (cuda:LOCAL_RANK under torchrun)
+    fsdp: bool = False                 # under torchrun, shard the model across processes (FSDP2) instead
+                                       # of a full copy per process (DDP): for a base too big for one device
     precision: str = "auto"            # "auto": bf16 autocast on CUDA, float32 on CPU
     progress: bool = True              # tqdm bar and a few printed lines, on rank 0 only
 

@@ -63,6 +63,10 @@ def train(model: nn.Module, train_batches: Iterable[Mapping[str, torch.Tensor]],
     end; a program that calls train() more than once per process should call
     `torch.distributed.init_process_group()` itself (train() then leaves the group alone). Every
     rank reads the checkpoint on resume, so out_dir must be on a file system they share.
+
+    `config.fsdp` shards the model across the processes instead of copying it (FSDP2, see
+    `distributed.shard_model`); the model is then left sharded, and the files are the same as
+    under DDP: the whole adapter, gathered for rank 0 to write.
     """
     d, device, created_group = distributed.setup(config.device)
     try:
@@ -91,17 +95,15 @@ def _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter
     if getattr(train_batches, "batch_size", config.batch_size) != config.batch_size:
         raise ValueError(f"train_batches yields batches of {train_batches.batch_size} examples but config.batch_size "
                          f"is {config.batch_size}; build Batches(examples, config.batch_size, ...)")
-    model.to(device)
+    fsdp = config.fsdp and d.enabled
+    if fsdp:
+        _check_fsdp(adapter_name, eval_batches, eval_fn, d)
+    else:
+        model.to(device)  # under FSDP each block moves as it is sharded: the whole model never is on device
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("the model has no trainable parameters; inject an adapter with lorakit.inject first")
-    # Decay the LoRA matrices, not biases or norms (1-D), as is usual for AdamW.
-    groups = [[(n, p) for n, p in named if p.ndim >= 2], [(n, p) for n, p in named if p.ndim < 2]]
-    names = [n for g in groups for n, _ in g]
-    params = [p for g in groups for _, p in g]
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for _, p in groups[0]], "weight_decay": config.weight_decay},
-         {"params": [p for _, p in groups[1]], "weight_decay": 0.0}], lr=config.lr, betas=config.betas, eps=config.eps)
+    names, params = _in_optimizer_order(named)
     per_epoch = len(train_batches) if hasattr(train_batches, "__len__") else None
     if config.max_steps is None and not per_epoch:
         raise ValueError("train_batches has no length, so epochs cannot be counted; set config.max_steps")
@@ -115,10 +117,9 @@ def _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter
     if resume:
         ckpt = load_checkpoint(paths["checkpoint"])
         check_fingerprint(ckpt.state["fingerprint"], fingerprint, ckpt.path)
-        with torch.no_grad():
+        with torch.no_grad():  # before sharding: every rank holds the whole adapter
             for n, p in named:
                 p.copy_(ckpt.params[n])
-        optimizer_from_files(optimizer, names, ckpt.optimizer_tensors, ckpt.state["optimizer_groups"])
         if not hasattr(train_batches, "load_state_dict"):
             raise ResumeError("train_batches cannot be put back at the checkpoint's data position; pass a "
                               "lorakit.data.Batches (it has state_dict/load_state_dict)")
@@ -142,7 +143,7 @@ def _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter
         random.seed(config.seed + d.rank)  # each rank its own dropout masks
         np.random.seed(config.seed + d.rank)
         torch.manual_seed(config.seed + d.rank)
-        distributed.broadcast_from_main(params, d)  # every rank starts from rank 0's adapter
+        distributed.broadcast_from_main(params, d, device)  # every rank starts from rank 0's adapter
     distributed.barrier(d)  # nobody trains while rank 0 may still be deleting an old run's files
 
     log = MetricsLog(paths["metrics"], enabled=d.is_main)
@@ -159,11 +160,22 @@ def _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(paths["run"], run_info)
     say(f"trainable parameters: {n_trainable:,} of {n_total:,} ({100 * n_trainable / max(n_total, 1):.3f}%); "
-        f"{total_steps} steps of {config.batch_size}x{config.grad_accum} examples on {d.world_size} process(es), "
+        f"{total_steps} steps of {config.batch_size}x{config.grad_accum} examples on {d.world_size} process(es)"
+        f"{' (FSDP)' if fsdp else ''}, "
         f"{device}, {run_info['precision']}")
 
     # --- the loop -----------------------------------------------------------------------------
-    ddp_model = distributed.wrap(model, d, device)
+    wrapped = distributed.wrap(model, d, device, fsdp=fsdp)
+    # FSDP replaced the parameters with sharded ones (same names): the optimizer holds those.
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    names, params = _in_optimizer_order(named)
+    decayed = [p for p in params if p.ndim >= 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decayed, "weight_decay": config.weight_decay},
+         {"params": params[len(decayed):], "weight_decay": 0.0}], lr=config.lr, betas=config.betas, eps=config.eps)
+    if resume:
+        optimizer_from_files(optimizer, names, ckpt.optimizer_tensors, ckpt.state["optimizer_groups"])
+        distributed.shard_optimizer_state_(optimizer)  # full tensors from the file -> this rank's shards
     was_training = model.training
     model.train()
     batches = iter(train_batches)
@@ -185,20 +197,19 @@ def _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter
             for i, batch in enumerate(micro):
                 local = {k: v.to(device) if isinstance(v, torch.Tensor) else v
                          for k, v in distributed.shard(batch, d).items()}
-                last = i == len(micro) - 1
-                sync = contextlib.nullcontext() if last or not d.enabled else ddp_model.no_sync()
-                with sync:  # DDP all-reduces the adapter's gradients once per step, after the last batch
+                # The adapter's gradients are reduced once per step, after the last batch.
+                with distributed.gradient_sync(wrapped, d, now=i == len(micro) - 1):
                     with autocast():
-                        total, count, _ = compute_loss(ddp_model, local, config.label_smoothing, loss_fn)
+                        total, count, _ = compute_loss(wrapped, local, config.label_smoothing, loss_fn)
                     total.backward()
                 sums += torch.stack([total.detach().float(), torch.as_tensor(count, device=device).float()])
             distributed.all_reduce_sum(sums, d)
-            # DDP averaged the gradients of the ranks' sums; make them the gradient of the step's mean.
+            # DDP/FSDP averaged the gradients of the ranks' sums; make them the gradient of the step's mean.
             scale = d.world_size / sums[1].clamp(min=1)
             for p in params:
                 if p.grad is not None:
                     p.grad.mul_(scale)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
+            grad_norm = distributed.clip_grad_norm_(params, config.max_grad_norm)
             lr = config.lr * lr_factor(step + 1, total_steps=total_steps, warmup_steps=config.warmup_steps,
                                        schedule=config.schedule)
             for group in optimizer.param_groups:
@@ -228,17 +239,20 @@ def _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter
                 if "eval_loss" in eval_metrics:  # all-reduced: every rank takes the same decisions
                     if best_loss is None or eval_metrics["eval_loss"] < best_loss:
                         best_loss, best_step, since_best = eval_metrics["eval_loss"], step, 0
-                        if config.keep_best and d.is_main:
-                            _save_product(model, paths["best"], adapter_name)
+                        if config.keep_best:
+                            _save_product_on_main(model, named, paths["best"], adapter_name, d, fsdp)
                     else:
                         since_best += 1
                         stopped = config.early_stopping_patience is not None and \
                             since_best >= config.early_stopping_patience
             if step % config.save_every == 0 or last_step or stopped:
                 rng = distributed.all_gather_json(capture_rng(device), d, device)
+                # Whole tensors for the file (gathered from the shards under FSDP: every rank takes part).
+                full_params, full_optimizer = distributed.full_tensors(dict(named)), \
+                    distributed.FullOptimizerState(optimizer)
                 if d.is_main:
-                    opt_tensors, opt_groups = optimizer_to_files(optimizer, names)
-                    save_checkpoint(paths["checkpoint"], params=dict(named), optimizer_tensors=opt_tensors,
+                    opt_tensors, opt_groups = optimizer_to_files(full_optimizer, names)
+                    save_checkpoint(paths["checkpoint"], params=full_params, optimizer_tensors=opt_tensors,
                                     rng_states=rng, state={"step": step, "total_steps": total_steps, "tokens": tokens,
                                            "batches": _batches_state(train_batches), "fingerprint": fingerprint,
                                            "optimizer_groups": opt_groups, "scheduler": {"step": step, "lr": lr},
@@ -254,8 +268,8 @@ def _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter
         model.train(was_training)
 
     # --- the product ----------------------------------------------------------------------------
+    _save_product_on_main(model, named, paths["adapter"], adapter_name, d, fsdp)
     if d.is_main:
-        _save_product(model, paths["adapter"], adapter_name)
         plot = plot_losses(paths["metrics"], paths["plot"])
     distributed.barrier(d)
     result = TrainResult(
@@ -285,6 +299,46 @@ def _fingerprint(config: TrainConfig, lora_config: Any, adapter_name: str, named
             "trainable_tensors": shapes, "trainable_parameters": sum(p.numel() for _, p in named),
             "world_size": d.world_size, "num_examples": len(getattr(train_batches, "examples", ())) or None,
             **{k: getattr(config, k) for k in same}}
+
+
+def _in_optimizer_order(named: list[tuple[str, nn.Parameter]]) -> tuple[list[str], list[nn.Parameter]]:
+    """(names, params) as the optimizer holds them: matrices (decayed) first, then 1-D tensors
+    (biases, norms: not decayed, as is usual for AdamW)."""
+    ordered = [(n, p) for n, p in named if p.ndim >= 2] + [(n, p) for n, p in named if p.ndim < 2]
+    return [n for n, _ in ordered], [p for _, p in ordered]
+
+
+def _check_fsdp(adapter_name: str | None, eval_batches: Any, eval_fn: EvalFn | None, d: distributed.Dist) -> None:
+    """What FSDP cannot do here, said before anything is sharded. Every forward of a sharded model
+    is a collective: a rank that skips one (eval_fn runs on rank 0 only; a rank with no eval rows
+    skips its forward) would leave the others waiting forever."""
+    if adapter_name is None:
+        raise ValueError("fsdp=True trains adapters; full fine-tuning (adapter_name=None) is not sharded: "
+                         "inject an adapter, or train without fsdp")
+    if eval_fn is not None:
+        raise ValueError("eval_fn runs on rank 0 only, but a forward of an FSDP-sharded model needs every rank; "
+                         "pass eval_batches (the eval loss is computed on every rank), or train without fsdp")
+    n, size = len(getattr(eval_batches, "examples", ())), getattr(eval_batches, "batch_size", None)
+    if eval_batches is None or not size:
+        return
+    sizes = [size] * (n // size) + ([n % size] if n % size and not getattr(eval_batches, "drop_last", False) else [])
+    if min(sizes, default=d.world_size) < d.world_size:
+        raise ValueError(f"eval_batches has a batch of {min(sizes)} examples ({n} examples in batches of {size}), "
+                         f"fewer than the {d.world_size} processes: under fsdp every process needs a row of every "
+                         "batch. Choose an eval batch_size and number of examples that give each process one")
+
+
+def _save_product_on_main(model: nn.Module, named: list[tuple[str, nn.Parameter]], path: Path,
+                          adapter_name: str | None, d: distributed.Dist, fsdp: bool) -> None:
+    """Rank 0 writes the product; under FSDP every rank first helps gather the whole adapter."""
+    if not fsdp:
+        if d.is_main:
+            _save_product(model, path, adapter_name)
+        return
+    full = distributed.full_tensors(dict(named))
+    if d.is_main:
+        with distributed.full_parameters(model, full):
+            _save_product(model, path, adapter_name)
 
 
 def _save_product(model: nn.Module, path: Path, adapter_name: str | None) -> None:
