@@ -7,7 +7,6 @@ underscores); options given on the command line win over the file.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path

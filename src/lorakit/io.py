@@ -12,9 +12,8 @@ import dataclasses
 import json
 import os
 import re
-import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -22,6 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import ConfigError, LoraConfig, name_matches
+from .files import atomic_write_files
 from .inject import _base_of, _find_saved, check_adapter_name, delete_adapter, find_targets, inject, lora_modules, lora_state, walk
 from .layers import LoraEmbedding, LoraFusedLinear, LoraLayer, TrainableCopy, lora_class_for
 
@@ -66,7 +66,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt", LORAKIT_METADATA: json.dumps(_config_to_json(config))}
-    _atomic_write({
+    atomic_write_files({
         out / WEIGHTS_NAME: lambda tmp: save_file(tensors, str(tmp), metadata=metadata),
         out / CONFIG_NAME: lambda tmp: tmp.write_text(json.dumps(peft_json, indent=2) + "\n"),
     })
@@ -110,40 +110,6 @@ def _has_transposed_targets(model: nn.Module, name: str) -> bool:
 def _config_to_json(config: LoraConfig) -> dict[str, Any]:
     d = dataclasses.asdict(config)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-
-def _atomic_write(files: dict[Path, Callable[[Path], Any]]) -> None:
-    """Write every file to a temp file beside it, and only when all are written and synced rename
-    them into place: a failed write (disk full, an exception) leaves the old adapter whole, never a
-    new weights file beside an old config."""
-    tmps: dict[Path, Path] = {}
-    try:
-        for path, write in files.items():
-            tmps[path] = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-            write(tmps[path])
-            with open(tmps[path], "rb") as f:
-                os.fsync(f.fileno())
-        for path, tmp in tmps.items():
-            os.replace(tmp, path)
-        _fsync_directory(next(iter(files)).parent)
-    finally:
-        for tmp in tmps.values():
-            if tmp.exists():
-                tmp.unlink()
-
-
-def _fsync_directory(directory: Path) -> None:
-    # Makes the renames themselves durable; not every platform can open a directory.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # --- load -------------------------------------------------------------------------------------

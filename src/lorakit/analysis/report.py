@@ -12,13 +12,13 @@ import json
 import math
 import os
 import re
-import uuid
 from pathlib import Path
 from typing import Sequence
 
 from torch import nn
 
 from ..config import layer_index
+from ..files import atomic_write_text
 from .amplification import amplification
 from .delta import AdapterDeltas, common_layers, base_weights, read_adapter_deltas
 from .markdown import render_markdown
@@ -122,22 +122,9 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
     figures = write_figures(report, out)
     report = {**report, "figures": figures}
     md, js = out / REPORT_MD, out / REPORT_JSON
-    _atomic_write_text(md, render_markdown(report))
-    _atomic_write_text(js, json.dumps(_json_safe(report), indent=1, allow_nan=False) + "\n")
+    atomic_write_text(md, render_markdown(report))
+    atomic_write_text(js, json.dumps(_json_safe(report), indent=1, allow_nan=False) + "\n")
     return {"json": js, "markdown": md, "figures": [out / f for f in figures]}
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _json_safe(value):

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..files import fsync_directory, temp_path
+
 FORMAT_VERSION = 1
 STATE, ADAPTER, OPTIMIZER, RNG = "trainer_state.json", "adapter.safetensors", "optimizer.safetensors", "rng.safetensors"
 
@@ -114,7 +116,7 @@ def save_checkpoint(directory: Path, *, params: dict[str, torch.Tensor], optimiz
     parent.mkdir(parents=True, exist_ok=True)
     for stale in parent.glob(f".{directory.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)  # left by a run that was killed while saving
-    tmp = parent / f".{directory.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = temp_path(directory)
     tmp.mkdir()
     try:
         rng_tensors: dict[str, torch.Tensor] = {}
@@ -132,12 +134,12 @@ def save_checkpoint(directory: Path, *, params: dict[str, torch.Tensor], optimiz
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        _fsync_dir(tmp)
+        fsync_directory(tmp)
         old = parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
         if directory.exists():
             directory.rename(old)
         tmp.rename(directory)  # the commit point
-        _fsync_dir(parent)
+        fsync_directory(parent)
         shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
@@ -200,16 +202,3 @@ def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], path: Path
 def _brief(value: Any, limit: int = 120) -> str:
     text = json.dumps(value)
     return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
