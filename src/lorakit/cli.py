@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("adapter", help="adapter directory (PEFT format)")
     a.add_argument("adapter2", nargs="?", help="a second adapter of the same base model, to compare with")
     a.add_argument("--model", help="base model ('default', a model dir or a .gguf file) for the amplification table")
+    a.add_argument("--task", default="causal", choices=["causal", "classification"],
+                   help="how to load --model (classification: 'default' is the embedded MiniLM)")
     a.add_argument("--out", required=True, help="directory for report.md, report.json and the PNG figures")
     a.add_argument("--seed", type=int, default=0, help="seed of the random directions in the amplification table")
     return parser

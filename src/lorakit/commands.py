@@ -139,9 +139,7 @@ def analyze(args: argparse.Namespace) -> None:
     common_layers(adapters)  # adapters that cannot be compared fail here, before a model loads
     model = None
     if args.model:
-        from .models import load_causal_lm
-
-        model, _ = load_causal_lm(args.model)
+        model, _ = load_model(args.model, args.task)
     report = analyze_adapters(adapters, model, seed=args.seed, model_name=args.model)
     written = write_report(report, args.out)
     skipped = len(report["skipped"]) + len(report["amplification_skipped"])
