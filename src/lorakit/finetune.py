@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,6 @@ class DataSpec:
     text_pair_column: str | None = None
     label_column: str = "label"
     demo_examples: tuple[int, int] = (2000, 64)  # (train, eval) sizes for the demo task
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def load_model(spec: str, task: str, num_labels: int = 2):
