@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..ops import delta_weight, lora_delta
+from ..ops.fused import fused_lora_linear
 from .base import LoraLayer
 
 
@@ -30,6 +31,21 @@ class LoraLinear(LoraLayer):
         super().__init__(base_layer, module_name)
         self.fan_in_fan_out = is_conv1d_transposed(base_layer)
         self.in_features, self.out_features = dense_features(base_layer)
+        # Opt-in until it is measured on a GPU: one autograd function for base + adapter
+        # (ops/fused.py) that keeps no dropout copy or mask for backward.
+        self.use_fused_op = False
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        pending = [n for n in self.active_adapters if n not in self.merged_adapters]
+        fused = (self.use_fused_op and not self.disabled and not self.fan_in_fan_out and len(pending) == 1
+                 and not args and not kwargs and not torch.is_autocast_enabled(x.device.type))
+        if not fused:
+            return super().forward(x, *args, **kwargs)
+        name, base = pending[0], self.base_layer
+        dropout = self.lora_dropout[name]
+        p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+        return fused_lora_linear(x, base.weight, base.bias, self.lora_A[name], self.lora_B[name],
+                                 self.scaling[name], p, self.training)
 
     def adapter_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (r, self.in_features), (self.out_features, r)
