@@ -6,7 +6,8 @@ same model, seed and batches, and prints a table of medians and ratios:
 - ``full``: every weight trains (AdamW).
 - ``floor``: the frozen base; forward + backward with activation gradients only, no optimizer.
   LoRA cannot be cheaper than this.
-- ``peft-*`` / ``lorakit-*``: LoRA r=8 on q,v and r=16 on all linear layers.
+- ``peft-*`` / ``lorakit-*`` / ``fused-*``: LoRA r=8 on q,v and r=16 on all linear layers; ``fused``
+  is lorakit with its fused autograd op (``layer.use_fused_op = True``).
 
 CPU (this repo's default): SmolLM2-135M, float32, batch 4 × 128; peak memory is the process's
 peak RSS. GPU: a Llama of TinyLlama-1.1B's shape with random weights, bf16, sdpa attention,
@@ -34,7 +35,8 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).parent / "results"
-VARIANTS = ["floor", "full", "peft-qv-r8", "lorakit-qv-r8", "peft-all-r16", "lorakit-all-r16"]
+VARIANTS = ["floor", "full", "peft-qv-r8", "lorakit-qv-r8", "fused-qv-r8", "peft-all-r16", "lorakit-all-r16",
+            "fused-all-r16"]
 LORA = {  # variant suffix -> (rank, alpha, targets)
     "qv-r8": (8, 16, ["q_proj", "v_proj"]),
     "all-r16": (16, 32, "all-linear"),
@@ -72,10 +74,13 @@ def prepare(model, variant: str):
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0))
-    else:
+    else:  # "lorakit" (the torch reference ops) or "fused" (ops/fused.py)
         import lorakit
 
         lorakit.inject(model, lorakit.LoraConfig(r=r, alpha=alpha, target_modules=targets))
+        for module in model.modules():
+            if isinstance(module, lorakit.LoraLayer):
+                module.use_fused_op = library == "fused"
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
@@ -208,12 +213,15 @@ def main() -> None:
               f"{r['peak_bytes'] / scale:>12.2f} {r['trainable_params']:>12,} {speed:>10.2f}× {mem:>8.2f}×")
     ratios = {}
     for suffix in LORA:
-        ours, theirs = by.get(f"lorakit-{suffix}"), by.get(f"peft-{suffix}")
-        if ours and theirs:
-            ratios[suffix] = {"step_time_lorakit_over_peft": ours["median_step_s"] / theirs["median_step_s"],
-                              "peak_lorakit_over_peft": ours["peak_bytes"] / theirs["peak_bytes"]}
-            print(f"lorakit/PEFT {suffix}: step time {ratios[suffix]['step_time_lorakit_over_peft']:.3f}×, "
-                  f"peak memory {ratios[suffix]['peak_lorakit_over_peft']:.3f}×")
+        theirs = by.get(f"peft-{suffix}")
+        for library in ("lorakit", "fused"):
+            ours = by.get(f"{library}-{suffix}")
+            if ours and theirs:
+                key = f"{library}-{suffix}"
+                ratios[key] = {"step_time_over_peft": ours["median_step_s"] / theirs["median_step_s"],
+                               "peak_over_peft": ours["peak_bytes"] / theirs["peak_bytes"]}
+                print(f"{key} / PEFT: step time {ratios[key]['step_time_over_peft']:.3f}×, "
+                      f"peak memory {ratios[key]['peak_over_peft']:.3f}×")
     RESULTS.mkdir(parents=True, exist_ok=True)
     out_file = RESULTS / f"train_speed_{args.device}.json"
     out_file.write_text(json.dumps({
