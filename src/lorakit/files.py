@@ -34,6 +34,13 @@ def atomic_write_files(files: dict[Path, Callable[[Path], Any]]) -> None:
                 tmp.unlink()
 
 
+def atomic_save_figure(fig: Any, path: Path) -> Path:
+    """A matplotlib figure as PNG, written like every other file here."""
+    path = Path(path)
+    atomic_write_files({path: lambda tmp: fig.savefig(tmp, format="png")})
+    return path
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_files({Path(path): lambda tmp: tmp.write_text(text, encoding="utf-8")})
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 import math
 import os
 import re
-import uuid
 from pathlib import Path
 from typing import Sequence
+
+from ..files import atomic_save_figure
 
 __all__ = ["write_figures", "group_of"]
 
@@ -156,13 +157,7 @@ def _save(fig, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
-    tmp = path.with_name(f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}.png")
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_save_figure(fig, path)
 
 
 def _short(layer: dict, module: bool = False) -> str:

@@ -7,9 +7,9 @@ window can open, whatever the caller's matplotlib settings.
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 
+from ..files import atomic_save_figure
 from .log import read_metrics
 
 
@@ -36,12 +36,4 @@ def plot_losses(metrics_path: str | os.PathLike, png_path: str | os.PathLike) ->
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    out = Path(png_path)
-    tmp = out.with_name(f".{out.stem}.tmp-{uuid.uuid4().hex[:8]}.png")
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return out
+    return atomic_save_figure(fig, Path(png_path))
