@@ -42,14 +42,14 @@ VARIANTS = {
 }
 
 
-def run_variant(name: str, args, train_ex, hold_ex) -> dict:
+def run_variant(name: str, args, train_tok, hold_tok, pad_id: int) -> dict:
+    """One variant on already tokenized data (every variant shares MiniLM's tokenizer)."""
     kinds, rank = VARIANTS[name]
     seed = 1 if name.endswith("seed1") else 0
     torch.manual_seed(seed)
-    model, tok = load_classifier("default", num_labels=2, seed=seed)
-    tokenize = partial(tokenize_classification, tokenizer=tok, max_len=64)
-    collate_fn = partial(collate, pad_id=tok.pad_token_id)
-    hold_b = Batches([tokenize(ex) for ex in hold_ex], 128, shuffle=False, collate_fn=collate_fn, epochs=1)
+    model, _ = load_classifier("default", num_labels=2, seed=seed)
+    collate_fn = partial(collate, pad_id=pad_id)
+    hold_b = Batches(hold_tok, 128, shuffle=False, collate_fn=collate_fn, epochs=1)
     out = Path(args.out) / name
     adapter = None
     if kinds is not None:
@@ -68,7 +68,7 @@ def run_variant(name: str, args, train_ex, hold_ex) -> dict:
 
         result_metrics, trainable = evaluate(model, hold_b), 0
     else:
-        train_b = Batches([tokenize(ex) for ex in train_ex], args.batch_size, seed=seed, collate_fn=collate_fn)
+        train_b = Batches(train_tok, args.batch_size, seed=seed, collate_fn=collate_fn)
         result = train(model, train_b, config, eval_batches=hold_b, adapter_name=adapter)
         result_metrics = result.eval_metrics
         trainable = result.trainable_parameters
@@ -127,8 +127,11 @@ def main() -> None:
     train_ex, hold_ex = split_holdout(list(examples), 0.05, seed=0)
     hold_ex = hold_ex[:args.holdout_size]
     Path(args.out).mkdir(parents=True, exist_ok=True)
+    _, tok = load_classifier("default", num_labels=2)
+    tokenize = partial(tokenize_classification, tokenizer=tok, max_len=64)
+    train_tok, hold_tok = [tokenize(ex) for ex in train_ex], [tokenize(ex) for ex in hold_ex]
     for name in args.variants.split(","):
-        run_variant(name, args, train_ex, hold_ex)
+        run_variant(name, args, train_tok, hold_tok, tok.pad_token_id)
 
 
 if __name__ == "__main__":

@@ -44,8 +44,17 @@ def _as_torchrun_would(rank: int, port: int) -> None:
     torch.set_num_threads(1)  # two processes share the machine's cores
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _join(rank: int, port: int):
+    """(dist, device, a fresh injected model) in a worker that joined the 2-process group."""
+    from lorakit.train import distributed
+
     _as_torchrun_would(rank, port)
+    d, device, created = distributed.setup("cpu")
+    assert created and d.world_size == WORLD and d.rank == rank
+    return d, device, injected(NO_DROPOUT)
+
+
+def _worker(rank: int, port: int, out: str) -> None:
     out = Path(out)
     data = token_examples()
 
@@ -53,9 +62,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
     from lorakit.train import distributed
-    d, device, created = distributed.setup("cpu")
-    assert created and d.world_size == WORLD and d.rank == rank
-    model = injected(NO_DROPOUT)
+    d, device, model = _join(rank, port)
     ddp = distributed.wrap(model, d, device)
     sent: list[int] = []
 
@@ -113,15 +120,12 @@ def eval_batches():
 
 
 def _fsdp_worker(rank: int, port: int, out: str) -> None:
-    _as_torchrun_would(rank, port)
     out = Path(out)
     data = token_examples()
 
     # Sharded, and only the adapter's gradients are reduce-scattered.
     from lorakit.train import distributed
-    d, device, created = distributed.setup("cpu")
-    assert created and d.world_size == WORLD and d.rank == rank
-    model = injected(NO_DROPOUT)
+    d, device, model = _join(rank, port)
     trainable = lorakit.trainable_parameters(model)[0]
     distributed.wrap(model, d, device, fsdp=True)
     assert all(distributed.is_sharded(p) for p in model.parameters())
