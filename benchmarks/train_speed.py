@@ -6,8 +6,11 @@ same model, seed and batches, and prints a table of medians and ratios:
 - ``full``: every weight trains (AdamW).
 - ``floor``: the frozen base; forward + backward with activation gradients only, no optimizer.
   LoRA cannot be cheaper than this.
-- ``peft-*`` / ``lorakit-*`` / ``fused-*``: LoRA r=8 on q,v and r=16 on all linear layers; ``fused``
-  is lorakit with its fused autograd op (``layer.use_fused_op = True``).
+- ``peft-*`` / ``lorakit-*``: LoRA r=8 on q,v and r=16 on all linear layers, lorakit as it runs by
+  default (the fused op of ``ops/fused.py`` on CUDA, the plain torch reference ops on CPU).
+- Ablations of lorakit: ``reference-*`` (the torch reference ops forced), ``fused-*`` (the fused op
+  forced, also on CPU), ``ungrouped-*`` (the fused op, one call per layer: no shared q|k|v and
+  gate|up projections).
 
 CPU (this repo's default): SmolLM2-135M, float32, batch 4 × 128; peak memory is the process's
 peak RSS. GPU: a Llama of TinyLlama-1.1B's shape with random weights, bf16, sdpa attention,
@@ -37,6 +40,7 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = ["floor", "full", "peft-qv-r8", "lorakit-qv-r8", "fused-qv-r8", "peft-all-r16", "lorakit-all-r16",
             "fused-all-r16"]
+LIBRARIES = ("lorakit", "reference", "fused", "ungrouped")
 LORA = {  # variant suffix -> (rank, alpha, targets)
     "qv-r8": (8, 16, ["q_proj", "v_proj"]),
     "all-r16": (16, 32, "all-linear"),
@@ -74,13 +78,15 @@ def prepare(model, variant: str):
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0))
-    else:  # "lorakit" (the torch reference ops) or "fused" (ops/fused.py)
+    else:
         import lorakit
 
         lorakit.inject(model, lorakit.LoraConfig(r=r, alpha=alpha, target_modules=targets))
         for module in model.modules():
-            if isinstance(module, lorakit.LoraLayer):
-                module.use_fused_op = library == "fused"
+            if isinstance(module, lorakit.LoraLayer) and library != "lorakit":
+                module.use_fused_op = library != "reference"
+                if library == "ungrouped":
+                    module.shared_input = None
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
@@ -120,6 +126,38 @@ def measure(variant: str, args) -> dict:
     median = statistics.median(times)
     return {"variant": variant, "median_step_s": median, "tokens_per_s": args.batch * args.seq / median,
             "peak_bytes": peak, "trainable_params": n_trainable, "step_times_s": times}
+
+
+def profile(variant: str, args) -> str:
+    """torch.profiler table (top operators by device time) of a few steps of one variant."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    device = args.device
+    model = build_model(device)
+    model.train()
+    model, params = prepare(model, variant)
+    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq),
+                        generator=torch.Generator().manual_seed(0)).to(device)
+
+    def step():
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60)
 
 
 def check_equivalence(args) -> dict:
@@ -173,12 +211,19 @@ def main() -> None:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one variant, print JSON
     p.add_argument("--check-equivalence", action="store_true")
+    p.add_argument("--profile", metavar="VARIANT", help="print and save a torch.profiler table of VARIANT")
     args = p.parse_args()
     args.batch = args.batch or (8 if args.device == "cuda" else 4)
     args.seq = args.seq or (1024 if args.device == "cuda" else 128)
 
     if args.one:
         print("RESULT " + json.dumps(measure(args.one, args)))
+        return
+    if args.profile:
+        table = profile(args.profile, args)
+        print(table)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / f"profile_{args.profile}_{args.device}.txt").write_text(table + "\n")
         return
     if args.check_equivalence:
         result = check_equivalence(args)
@@ -214,7 +259,7 @@ def main() -> None:
     ratios = {}
     for suffix in LORA:
         theirs = by.get(f"peft-{suffix}")
-        for library in ("lorakit", "fused"):
+        for library in LIBRARIES:
             ours = by.get(f"{library}-{suffix}")
             if ours and theirs:
                 key = f"{library}-{suffix}"

@@ -13,10 +13,13 @@ import lorakit
 from conftest import randomize_adapters, tiny_llama
 
 
-def injected(dropout: float = 0.0):
+def injected(dropout: float = 0.0, fused: bool | None = None):
     model = tiny_llama()
     lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, dropout=dropout, target_modules="all-linear"))
     randomize_adapters(model)
+    for module in model.modules():
+        if isinstance(module, lorakit.LoraLayer):
+            module.use_fused_op = fused
     return model
 
 
@@ -25,10 +28,11 @@ def lora_grads(model) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("training", [False, True])
-def test_no_graph_breaks_in_an_injected_model(tokens, training):
+@pytest.mark.parametrize("fused", [None, True])
+def test_no_graph_breaks_in_an_injected_model(tokens, training, fused):
     import torch._dynamo as dynamo
 
-    model = injected(dropout=0.1).train(training)
+    model = injected(dropout=0.1, fused=fused).train(training)
     explanation = dynamo.explain(model)(tokens)
     assert explanation.graph_break_count == 0, explanation.break_reasons
 
@@ -53,14 +57,20 @@ def test_compiled_layer_matches_eager_values_and_gradients():
     torch.testing.assert_close(x.grad, expected[1])
 
 
-def test_gradient_checkpointing_gives_the_same_adapter_gradients(tokens):
-    plain = injected().train()
+@pytest.mark.parametrize("fused", [False, True])
+def test_gradient_checkpointing_gives_the_same_adapter_gradients(tokens, fused):
+    plain = injected(fused=fused).train()
     checkpointed = copy.deepcopy(plain)
     checkpointed.gradient_checkpointing_enable()
     assert checkpointed.is_gradient_checkpointing
-    for model in (plain, checkpointed):
-        model(input_ids=tokens, labels=tokens).loss.backward()
-    expected, got = lora_grads(plain), lora_grads(checkpointed)
-    assert expected.keys() == got.keys() and len(got) == 2 * 7 * 2  # A, B × 7 linears × 2 layers
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)
+    for step in range(2):  # the second step runs the fused op's q|k|v and gate|up groups
+        for model in (plain, checkpointed):
+            model.zero_grad(set_to_none=True)
+            model(input_ids=tokens, labels=tokens).loss.backward()
+        expected, got = lora_grads(plain), lora_grads(checkpointed)
+        assert expected.keys() == got.keys() and len(got) == 2 * 7 * 2  # A, B × 7 linears × 2 layers
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)
+    if fused:
+        attention = checkpointed.model.layers[0].self_attn
+        assert attention.q_proj.shared_input.followers_of(attention.q_proj) == (attention.k_proj, attention.v_proj)

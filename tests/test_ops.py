@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lorakit.ops.fused import _mask, fused_lora_linear
+from lorakit.ops.fused import LoraLinearFunction, _mask, fused_lora_linear, fused_lora_linears
 
 
 def inputs(dtype, d_in=24, d_out=20, r=4, lead=(3, 7), seed=None):
@@ -90,29 +90,230 @@ def test_saves_no_dropout_copy_or_mask():
     assert theirs - ours >= x_bytes
 
 
-def test_layer_with_fused_op_equals_the_reference_path(monkeypatch):
-    import lorakit
-    import lorakit.layers.linear as linear
+def group_inputs(dtype, seed=None, d_in=32, layers=((32, 4, 2.0, True), (8, 2, 0.5, False), (40, 8, 1.0, True))):
+    """x and per-layer (W, b, A, B, s) for layers that share x: (d_out, r, scaling, has bias)."""
+    fresh = int.from_bytes(os.urandom(4), "little")
+    g = torch.Generator().manual_seed(seed if seed is not None else fresh)
+    x = torch.randn(3, 5, d_in, generator=g).to(dtype).requires_grad_()
+    specs = []
+    for d_out, r, s, has_bias in layers:
+        W = torch.randn(d_out, d_in, generator=g).to(dtype)
+        b = torch.randn(d_out, generator=g).to(dtype).requires_grad_() if has_bias else None
+        A = (torch.randn(r, d_in, generator=g) * 0.3).requires_grad_()
+        B = (torch.randn(d_out, r, generator=g) * 0.3).requires_grad_()
+        specs.append((W, b, A, B, s))
+    return x, specs
 
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_group_of_layers_sharing_x_matches_float64_reference(dtype, tol):
+    x, specs = group_inputs(dtype)
+    outs = fused_lora_linears(x, specs)
+    x64 = x.detach().double().requires_grad_()
+    leaves64, refs = [], []
+    for W, b, A, B, s in specs:
+        b64, A64, B64 = (t.detach().double().requires_grad_() if t is not None else None for t in (b, A, B))
+        refs.append(F.linear(x64, W.double(), b64) + s * (x64 @ A64.t()) @ B64.t())
+        leaves64.append((b64, A64, B64))
+    g = torch.Generator().manual_seed(2)
+    grads = [torch.randn(r.shape, generator=g, dtype=torch.float64) for r in refs]
+    torch.autograd.backward(outs, [gr.to(dtype) for gr in grads])
+    torch.autograd.backward(refs, grads)
+    assert rel(x.grad, x64.grad) < tol
+    for out, ref, (W, b, A, B, s), theirs in zip(outs, refs, specs, leaves64):
+        assert out.dtype == dtype and rel(out, ref) < tol
+        for mine, their in zip((b, A, B), theirs):
+            if mine is not None:
+                assert rel(mine.grad, their.grad) < tol
+
+
+def test_group_with_an_unused_output_gives_the_used_layers_gradients():
+    x, specs = group_inputs(torch.float32)
+    outs = fused_lora_linears(x, specs)
+    (outs[0].square().sum() + outs[2].sum()).backward()
+    x2 = x.detach().clone().requires_grad_()
+    ref0 = fused_lora_linear(x2, *specs[0][:4], specs[0][4])
+    ref2 = fused_lora_linear(x2, *specs[2][:4], specs[2][4])
+    grads = torch.autograd.grad(ref0.square().sum() + ref2.sum(), [x2, specs[0][2], specs[2][3]])
+    assert specs[1][3].grad is None and not specs[1][2].grad.any()  # A's shared matmul gives it exact zeros
+    assert rel(x.grad, grads[0]) < 1e-5
+    assert rel(specs[0][2].grad, grads[1]) < 1e-5 and rel(specs[2][3].grad, grads[2]) < 1e-5
+
+
+def count_fused_calls(monkeypatch) -> list[int]:
+    """Each entry: the number of layers in one fused call."""
     calls = []
-    monkeypatch.setattr(linear, "fused_lora_linear", lambda *a: calls.append(1) or fused_lora_linear(*a))
+    original = LoraLinearFunction.apply
 
+    def counting(x, scalings, *rest):
+        calls.append(len(scalings))
+        return original(x, scalings, *rest)
+
+    monkeypatch.setattr(LoraLinearFunction, "apply", counting)
+    return calls
+
+
+def injected_llama(fused, r=4, dropout=0.0):
+    import lorakit
     from conftest import randomize_adapters, tiny_llama
 
+    model = lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=r, alpha=8, dropout=dropout, target_modules="all-linear"))
+    randomize_adapters(model)
+    for m in model.modules():
+        if isinstance(m, lorakit.LoraLayer):
+            m.use_fused_op = fused
+    return model
+
+
+def loss_and_grads(model, ids):
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def test_layers_with_fused_op_equal_the_reference_path_and_group_q_k_v(monkeypatch):
+    calls = count_fused_calls(monkeypatch)
     ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
-    results = []
-    for fused in (False, True):
-        model = lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
-        randomize_adapters(model)
+    reference = injected_llama(False).train()
+    fused = injected_llama(True).train()
+    for step in range(3):
+        calls.clear()
+        loss_ref, grads_ref = loss_and_grads(reference, ids)
+        loss_fused, grads_fused = loss_and_grads(fused, ids)
+        torch.testing.assert_close(loss_fused, loss_ref)
+        for name in grads_ref:
+            torch.testing.assert_close(grads_fused[name], grads_ref[name], rtol=1e-4, atol=1e-6)
+        n_layers = reference.config.num_hidden_layers
+        if step == 0:  # the first forward learns which siblings read one tensor, one layer per call
+            assert calls == [1] * 7 * n_layers
+        else:  # then q|k|v, o, gate|up, down: four calls per decoder layer
+            assert sorted(calls) == sorted([3, 1, 2, 1] * n_layers)
+        with torch.no_grad():  # and the optimizer's in-place update must not be served stale outputs
+            for model in (reference, fused):
+                for p in model.parameters():
+                    if p.requires_grad:
+                        p.add_(0.01)
+
+
+def test_auto_mode_uses_the_reference_path_on_cpu(monkeypatch):
+    calls = count_fused_calls(monkeypatch)
+    model = injected_llama(None)
+    model(input_ids=torch.randint(0, 100, (1, 5))).logits.sum().backward()
+    assert calls == []
+
+
+class TwoHeads(torch.nn.Module):
+    """q and k are siblings; ``mode`` decides what k reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.q = torch.nn.Linear(16, 16)
+        self.k = torch.nn.Linear(16, 8)
+        self.mode = "same"
+
+    def forward(self, x):
+        q = self.q(x)
+        if self.mode == "same":
+            k = self.k(x)
+        elif self.mode == "copy":
+            k = self.k(x.clone())
+        else:  # "mutated": x is changed in place between the two calls
+            x.mul_(2)
+            k = self.k(x)
+        return q.sum(-1) + k.sum(-1)
+
+
+@pytest.mark.parametrize("mode", ["copy", "mutated"])
+def test_shared_input_guess_never_serves_a_wrong_output(mode):
+    import lorakit
+
+    torch.manual_seed(0)
+    model = lorakit.inject(TwoHeads(), lorakit.LoraConfig(r=2, alpha=4, target_modules=["q", "k"]))
+    for m in model.modules():
+        if isinstance(m, lorakit.LoraLayer):
+            m.use_fused_op = True
+            torch.nn.init.normal_(m.lora_B["default"])
+    x = torch.randn(4, 16)
+    for _ in range(2):  # learn the q -> k grouping
+        model(x)
+    assert model.q.shared_input.followers_of(model.q) == (model.k,)
+    model.mode = mode
+    got = model(x.clone())
+    for m in model.modules():
+        if isinstance(m, lorakit.LoraLayer):
+            m.use_fused_op = False
+    want = model(x.clone())
+    torch.testing.assert_close(got, want)
+    assert model.q.shared_input.followers_of(model.q) == ()  # the guess was dropped
+
+
+def test_cpu_autocast_runs_the_fused_op_in_bf16():
+    model = injected_llama(True)
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(3))
+    outs = []
+    for fused in (True, False):
         for m in model.modules():
-            if isinstance(m, lorakit.LoraLayer):
+            if hasattr(m, "use_fused_op"):
                 m.use_fused_op = fused
-        model.train()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
-    (loss_ref, grads_ref), (loss_fused, grads_fused) = results
-    assert len(calls) == 2 * 7  # every adapted linear of the fused run took the fused path
-    torch.testing.assert_close(loss_fused, loss_ref)
-    for name in grads_ref:
-        torch.testing.assert_close(grads_fused[name], grads_ref[name], rtol=1e-4, atol=1e-6)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs.append(model(input_ids=ids).logits)
+    assert outs[0].dtype == outs[1].dtype
+    assert rel(outs[0], outs[1]) < 2e-2
+
+
+def test_group_saves_x_once_and_no_dropout_copies():
+    x, specs = group_inputs(torch.float32, seed=0, d_in=256, layers=((256, 8, 2.0, False),) * 3)
+    x = x.detach().requires_grad_()
+    ours = saved_bytes(lambda: fused_lora_linears(x, specs))
+    x_bytes = x.numel() * 4
+    weights = sum(W.numel() + A.numel() + B.numel() for W, _, A, B, _ in specs) * 4
+    low = x.numel() // 256 * 24 * 4
+    assert ours <= x_bytes + weights + low + 24 * 256 * 4  # + the scaled copy of [A1; A2; A3]
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-3), (torch.bfloat16, 1e-2)])
+def test_cuda_group_matches_float64_reference_at_model_sizes(dtype, tol):
+    # TinyLlama's attention block: q (2048) and GQA k, v (256) read one x; r=16, 4 x 512 tokens.
+    x, specs = group_inputs(dtype, d_in=2048, layers=((2048, 16, 2.0, False), (256, 16, 2.0, False),
+                                                      (256, 16, 2.0, False)))
+    x = torch.randn(4, 512, 2048, device="cuda").to(dtype).requires_grad_()
+    specs = [tuple(t.detach().cuda().requires_grad_(t.requires_grad) if torch.is_tensor(t) else t for t in layer)
+             for layer in specs]
+    outs = fused_lora_linears(x, specs)
+    x64 = x.detach().double().requires_grad_()
+    refs, leaves = [], []
+    for W, _, A, B, s in specs:
+        A64, B64 = (t.detach().double().requires_grad_() for t in (A, B))
+        refs.append(x64 @ W.double().t() + s * (x64 @ A64.t()) @ B64.t())
+        leaves.append((A64, B64))
+    grads = [torch.randn_like(r) for r in refs]
+    torch.autograd.backward(outs, [g.to(dtype) for g in grads])
+    torch.autograd.backward(refs, grads)
+    assert rel(x.grad, x64.grad) < tol
+    for out, ref, (_, _, A, B, _), (A64, B64) in zip(outs, refs, specs, leaves):
+        assert rel(out, ref) < tol and rel(A.grad, A64.grad) < tol and rel(B.grad, B64.grad) < tol
+
+
+@cuda
+def test_cuda_model_takes_the_fused_op_by_default_under_autocast(monkeypatch):
+    calls = count_fused_calls(monkeypatch)
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0)).cuda()
+    results = []
+    for fused in (None, False):
+        model = injected_llama(fused).cuda().train()
+        for _ in range(2):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        results.append((loss.detach().float(), [p.grad.float() for p in model.parameters() if p.requires_grad]))
+        if fused is None:
+            assert 3 in calls and 2 in calls  # q|k|v and gate|up ran as groups in the second step
+    (loss_auto, grads_auto), (loss_ref, grads_ref) = results
+    assert abs(loss_auto - loss_ref) < 1e-2 * abs(loss_ref)
+    assert max(rel(a, b) for a, b in zip(grads_auto, grads_ref)) < 3e-2

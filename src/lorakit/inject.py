@@ -11,6 +11,7 @@ from torch import nn
 
 from .config import ALL_LINEAR, ConfigError, LoraConfig, layer_index, name_matches
 from .layers import LoraFusedLinear, LoraLayer, TrainableCopy, is_dense, lora_class_for
+from .layers.linear import link_siblings
 
 
 @dataclass
@@ -21,6 +22,23 @@ class LoraState:
     configs: dict[str, LoraConfig] = field(default_factory=dict)
     active: list[str] = field(default_factory=list)
     requires_grad: dict[str, bool] = field(default_factory=dict)
+    shared_inputs: list = field(default_factory=list)  # SharedInput groups of sibling LoraLinears
+
+
+def _start_of_forward(model: nn.Module, args) -> None:
+    """Forward pre-hook on the injected model: sibling groups learned during the previous forward
+    take effect now, never in the middle of a forward (a checkpointed block's recomputation must
+    run the very ops its first forward ran)."""
+    state = model.__dict__.get("lora_state")
+    if state is not None:
+        for group in state.shared_inputs:
+            group.promote()
+
+
+def _link_siblings(model: nn.Module, state: LoraState) -> None:
+    state.shared_inputs = link_siblings(model)
+    if not any(hook is _start_of_forward for hook in model._forward_pre_hooks.values()):
+        model.register_forward_pre_hook(_start_of_forward)
 
 
 def lora_state(model: nn.Module) -> LoraState:
@@ -151,6 +169,7 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default", *,
     for _, module in lora_modules(model):
         module.set_active(state.active)
     _freeze_all_but(model, name, config)
+    _link_siblings(model, state)
     return model
 
 

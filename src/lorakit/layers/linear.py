@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
 from ..ops import delta_weight, lora_delta
-from ..ops.fused import fused_lora_linear
+from ..ops.fused import fused_lora_linears
 from .base import LoraLayer
 
 
@@ -25,27 +27,58 @@ def dense_features(module: nn.Module) -> tuple[int, int]:
 
 
 class LoraLinear(LoraLayer):
-    """h = W0·x + s·B·A·dropout(x), A: (r, d_in), B: (d_out, r)."""
+    """h = W0·x + s·B·A·dropout(x), A: (r, d_in), B: (d_out, r).
+
+    On CUDA the forward goes through the fused op (`ops/fused.py`): base and adapter in one autograd
+    function that saves no dropout copy, and — for sibling layers found to read the same tensor,
+    like q/k/v or gate/up — one A-projection and one input gradient for the whole group.
+    ``use_fused_op``: None (default) = on CUDA only; True/False force it on or off.
+    """
 
     def __init__(self, base_layer: nn.Module, module_name: str = "") -> None:
         super().__init__(base_layer, module_name)
         self.fan_in_fan_out = is_conv1d_transposed(base_layer)
         self.in_features, self.out_features = dense_features(base_layer)
-        # Opt-in until it is measured on a GPU: one autograd function for base + adapter
-        # (ops/fused.py) that keeps no dropout copy or mask for backward.
-        self.use_fused_op = False
+        self.use_fused_op: bool | None = None
+        self.shared_input: SharedInput | None = None  # set by link_siblings()
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def fused_args(self, x: torch.Tensor) -> tuple | None:
+        """(weight, bias, A, B, scaling, dropout p) when this call can take the fused op, else None."""
+        use = self.use_fused_op if self.use_fused_op is not None else x.is_cuda
+        if not use or self.disabled or self.fan_in_fan_out or type(self.base_layer) is not nn.Linear:
+            return None
+        if torch.compiler.is_compiling():  # the compiler fuses the reference ops itself
+            return None
         pending = [n for n in self.active_adapters if n not in self.merged_adapters]
-        fused = (self.use_fused_op and not self.disabled and not self.fan_in_fan_out and len(pending) == 1
-                 and not args and not kwargs and not torch.is_autocast_enabled(x.device.type))
-        if not fused:
-            return super().forward(x, *args, **kwargs)
+        if len(pending) != 1:
+            return None
         name, base = pending[0], self.base_layer
         dropout = self.lora_dropout[name]
-        p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-        return fused_lora_linear(x, base.weight, base.bias, self.lora_A[name], self.lora_B[name],
-                                 self.scaling[name], p, self.training)
+        p = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
+        return base.weight, base.bias, self.lora_A[name], self.lora_B[name], self.scaling[name], p
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        fused = None if args or kwargs or not x.is_floating_point() else self.fused_args(x)
+        if fused is None:
+            return super().forward(x, *args, **kwargs)
+        group = self.shared_input
+        if group is not None and fused[-1] == 0:
+            out = group.take(self, x)
+            if out is not None:
+                return out
+        x_run = x
+        if torch.is_autocast_enabled(x.device.type):  # compute in the autocast dtype, as F.linear would
+            x_run = x.to(torch.get_autocast_dtype(x.device.type))
+        *layer, p = fused
+        if group is None or p > 0:
+            return fused_lora_linears(x_run, [layer], p, training=p > 0)[0]
+        followers = [(f, args_) for f in group.followers_of(self)
+                     if (args_ := f.fused_args(x)) is not None and args_[-1] == 0]
+        outs = fused_lora_linears(x_run, [layer] + [a[:-1] for _, a in followers])
+        if followers:
+            group.stash(x, {f: o for (f, _), o in zip(followers, outs[1:])})
+        group.observe(self, x)
+        return outs[0]
 
     def adapter_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (r, self.in_features), (self.out_features, r)
@@ -56,3 +89,96 @@ class LoraLinear(LoraLayer):
     def delta_weight(self, name: str) -> torch.Tensor:
         dw = delta_weight(self.lora_A[name], self.lora_B[name], self.scaling[name])  # (d_out, d_in)
         return dw.t() if self.fan_in_fan_out else dw
+
+
+class SharedInput:
+    """Sibling LoRA linears (one parent, one input width) that may read the same tensor.
+
+    Whether they do is learned at run time: a layer called with the very tensor (same object, same
+    version) the previous sibling call got becomes that sibling's follower. Learned changes wait
+    until ``promote()`` (called at the start of the model's next forward), so a forward and its
+    checkpointed recomputation always run the same ops. From then on the leader computes its
+    followers' outputs in the same fused call and keeps them here until each follower asks with
+    that same tensor; a follower that asks with anything else (or never asks) gets its own output
+    computed and is dropped from the group at the next promotion. Correctness never rests on the
+    guess: a kept output is handed out only for the exact input, weights and adapters it came from.
+    """
+
+    def __init__(self, members: list[LoraLinear]) -> None:
+        self.members = members
+        self.followers: dict[LoraLinear, tuple[LoraLinear, ...]] = {}  # in effect
+        self._next: dict[LoraLinear, tuple[LoraLinear, ...]] | None = None  # learned, not yet in effect
+        self._stash: dict[LoraLinear, tuple] = {}
+        self._last: tuple | None = None  # (weakref to x, version, layer) of the latest leading call
+
+    def promote(self) -> None:
+        if self._next is not None:
+            self.followers = {k: v for k, v in self._next.items() if v}
+            self._next = None
+        for layer in self._stash:  # outputs of the last forward that nobody asked for
+            self._drop(layer)
+        self._stash, self._last = {}, None
+
+    def followers_of(self, leader: LoraLinear) -> tuple[LoraLinear, ...]:
+        return self.followers.get(leader, ())
+
+    @staticmethod
+    def _key(layer: LoraLinear, x: torch.Tensor) -> tuple:
+        args = layer.fused_args(x)
+        versions = tuple(t._version for t in args[:4] if t is not None) if args else None
+        return (x._version, torch.is_grad_enabled(), torch.is_autocast_enabled(x.device.type),
+                tuple(map(id, args[:4])) if args else None, versions)
+
+    def take(self, layer: LoraLinear, x: torch.Tensor) -> torch.Tensor | None:
+        entry = self._stash.pop(layer, None)
+        if entry is None:
+            return None
+        ref, key, out = entry
+        if ref() is x and key == self._key(layer, x):
+            return out
+        self._drop(layer)
+        return None
+
+    def stash(self, x: torch.Tensor, outs: dict[LoraLinear, torch.Tensor]) -> None:
+        for layer in self._stash:  # computed last time and never asked for
+            self._drop(layer)
+        ref = weakref.ref(x)
+        self._stash = {layer: (ref, self._key(layer, x), out) for layer, out in outs.items()}
+
+    def observe(self, layer: LoraLinear, x: torch.Tensor) -> None:
+        """Called after a layer computed its own output from x: learn who reads the same x."""
+        plan = self._plan()
+        is_follower = any(layer in chain for chain in plan.values())
+        last = self._last
+        if (last is not None and last[0]() is x and last[1] == x._version and last[2] is not layer
+                and not plan.get(layer) and not is_follower):
+            plan[last[2]] = plan.get(last[2], ()) + (layer,)
+        elif not is_follower:
+            self._last = (weakref.ref(x), x._version, layer)
+
+    def _plan(self) -> dict[LoraLinear, tuple[LoraLinear, ...]]:
+        if self._next is None:
+            self._next = dict(self.followers)
+        return self._next
+
+    def _drop(self, layer: LoraLinear) -> None:
+        plan = self._plan()
+        for leader, chain in list(plan.items()):
+            if layer in chain:
+                plan[leader] = tuple(f for f in chain if f is not layer)
+
+
+def link_siblings(model: nn.Module) -> list[SharedInput]:
+    """Give sibling LoraLinear layers with the same input width a SharedInput (q/k/v/o, gate/up)."""
+    groups = []
+    for parent in model.modules():
+        by_width: dict[int, list[LoraLinear]] = {}
+        for child in parent.children():
+            if isinstance(child, LoraLinear) and not child.fan_in_fan_out:
+                by_width.setdefault(child.in_features, []).append(child)
+        for members in by_width.values():
+            group = SharedInput(members) if len(members) > 1 else None
+            groups += [group] if group else []
+            for layer in members:
+                layer.shared_input = group
+    return groups
