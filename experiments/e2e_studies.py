@@ -24,7 +24,8 @@ leaves the GPU mostly idle), kills what is still running at `--deadline` seconds
     python experiments/e2e_studies.py --report runs/e2e_studies      # markdown tables
     # CPU smoke test
     .venv/bin/python experiments/e2e_studies.py --device cpu --limit 40 --steps 3 --batch-size 4 --gen-mrs 4 \\
-        --max-new-tokens 8 --variants q-r8,qv-r2,full,untrained --parallel 2 --out /tmp/e2e_smoke --cache-dir /tmp/e2e_cache
+        --max-new-tokens 8 --variants q-r8,qv-r2,full,untrained --parallel 2 \\
+        --out /tmp/e2e_smoke --cache-dir /tmp/e2e_cache
 
 The archive holds summary.json and, per variant, result.json, log.txt, metrics.jsonl, run.json,
 hypotheses.txt and the LoRA adapter (never full fine-tuning's weights, checkpoints or the model
@@ -66,14 +67,18 @@ VARIANTS = {
     "q-r1": ("q", 1), "q-r2": ("q", 2), "q-r4": ("q", 4), "q-r64": ("q", 64),
     "qv-r8-seed1": ("qv", 8),
 }
-DATA = "data.pt"  # the tokenized data, written once by the launcher for every variant
+DATA = "data.json"  # the tokenized data, written once by the launcher for every variant (JSON: read in <1 s)
 PACKED = ("result.json", "log.txt", "metrics.jsonl", "run.json", "hypotheses.txt")
 
 
-def write_json(path: Path, obj) -> None:
+def write_json(path: Path, obj, indent: int | None = 2) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.write_text(json.dumps(obj, indent=indent) + "\n")
     os.replace(tmp, path)
+
+
+def fmt(value, spec: str) -> str:
+    return "–" if value is None else spec.format(value)
 
 
 def dir_bytes(path: Path) -> int:
@@ -106,7 +111,7 @@ def run_one(name: str, args) -> dict:
     vdir = out / name
     vdir.mkdir(parents=True, exist_ok=True)
     model, tok = load_causal_lm(args.model, cache_dir=args.cache_dir)
-    data = torch.load(out / DATA) if (out / DATA).exists() else None
+    data = json.loads((out / DATA).read_text()) if (out / DATA).exists() else None
     if data is None or data["settings"] != data_settings(args):
         data = prepare_data(args, tok)
     collate_fn = partial(collate, pad_id=tok.pad_token_id)
@@ -152,7 +157,8 @@ def run_one(name: str, args) -> dict:
                          batch_size=100, progress=False)
     (vdir / "hypotheses.txt").write_text("\n".join(hyps) + "\n")
     row.update(generate_seconds=time.perf_counter() - start, gen_mrs=len(hyps),
-               **corpus_scores(hyps, data["references"]), peak_gpu_bytes=torch.cuda.max_memory_allocated() if cuda else None,
+               **corpus_scores(hyps, data["references"]),
+               peak_gpu_bytes=torch.cuda.max_memory_allocated() if cuda else None,
                device=torch.cuda.get_device_name() if cuda else args.device, wall_seconds=time.perf_counter() - wall)
     write_json(vdir / "result.json", row)
     print(json.dumps(row), flush=True)
@@ -166,7 +172,7 @@ def launch(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _, tok = load_causal_lm(args.model, cache_dir=args.cache_dir)  # the first load converts the GGUF
-    torch.save(prepare_data(args, tok), out / DATA)
+    write_json(out / DATA, prepare_data(args, tok), indent=None)
     print(f"[{clock():5.0f} s] model cache and data ready", flush=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.parallel)))
@@ -208,44 +214,43 @@ def report(out: Path) -> str:
     rows = {n: json.loads((out / n / "result.json").read_text()) for n in VARIANTS
             if (out / n / "result.json").exists()}
     summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
+    specs = {"eval_loss": "{:.4f}", "bleu": "{:.2f}", "nist": "{:.3f}", "rouge_l": "{:.4f}", "cider": "{:.3f}"}
 
-    def cells(name: str, keys=("eval_loss", "bleu", "nist", "rouge_l", "cider")) -> str:
+    def cells(name: str) -> str:
         r = rows.get(name)
         if r is None:
-            return " – |" * (len(keys) + 2)
-        size = f"{r['adapter_bytes'] / 1e6:.2f} MB" if r["adapter_bytes"] is not None else "–"
-        fmt = {"eval_loss": "{:.4f}", "bleu": "{:.2f}", "nist": "{:.3f}", "rouge_l": "{:.4f}", "cider": "{:.3f}"}
-        return f" {r['trainable_parameters']:,} | {size} |" + "".join(f" {fmt[k].format(r[k])} |" for k in keys)
+            return " – |" * (len(specs) + 2)
+        size = fmt(r["adapter_bytes"] and r["adapter_bytes"] / 1e6, "{:.2f} MB")
+        return f" {r['trainable_parameters']:,} | {size} |" + "".join(f" {f.format(r[k])} |" for k, f in specs.items())
 
     head = "| trainable params | saved | val loss | BLEU | NIST | ROUGE-L | CIDEr |"
     parts = ["Which weights (rank scaled with the number of types; with GQA the Wk/Wv adapters are smaller, "
              "so the budgets differ: see the parameter count):", "", f"| adapted | rank {head}",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:" + "|---:" * 7 + "|"]
     for n in ("q-r8", "k-r8", "v-r8", "o-r8", "qk-r4", "qv-r4", "qkvo-r2"):
         kinds, rank = VARIANTS[n]
         parts.append(f"| {'+'.join('W' + k for k in kinds)} | {rank} |{cells(n)}")
     parts += ["", "Which rank (α = 16 for every rank):", "",
               "| rank | Wq+Wv params | Wq+Wv val loss | Wq+Wv BLEU | Wq params | Wq val loss | Wq BLEU |",
-              "|---:|---:|---:|---:|---:|---:|---:|"]
+              "|---:" * 7 + "|"]
     for r in (1, 2, 4, 8, 64):
         line = f"| {r} |"
-        for n in (f"qv-r{r}", f"q-r{r}"):
-            x = rows.get(n)
-            line += f" {x['trainable_parameters']:,} | {x['eval_loss']:.4f} | {x['bleu']:.2f} |" if x else " – | – | – |"
+        for x in (rows.get(f"qv-r{r}"), rows.get(f"q-r{r}")):
+            line += f" {x['trainable_parameters']:,} | {x['eval_loss']:.4f} | {x['bleu']:.2f} |" if x else " – |" * 3
         parts.append(line)
-    parts += ["", "References:", "", f"| model {head}", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    parts += ["", "References:", "", f"| model {head}", "|---" + "|---:" * 7 + "|"]
     for n, label in [("untrained", "untrained (no training)"), ("full", "full fine-tuning"),
                      ("qv-r8", "LoRA Wq+Wv r=8"), ("qv-r8-seed1", "LoRA Wq+Wv r=8, seed 1")]:
         parts.append(f"| {label} |{cells(n)}")
-    parts += ["", "Runs:", "", "| variant | status | train s | tokens/s | peak GPU | wall s |", "|---|---|---:|---:|---:|---:|"]
-    for n in VARIANTS:
-        r, s = rows.get(n), summary.get("variants", {}).get(n, {}).get("status")
-        if r is None and s is None:
-            continue
-        num = lambda v, f: f.format(v) if v is not None else "–"  # noqa: E731
-        parts.append(f"| {n} | {s or ('finished' if r else '–')} | {num(r and r['train_seconds'], '{:.0f}')} "
-                     f"| {num(r and r['train_tokens_per_s'], '{:,.0f}')} "
-                     f"| {num(r and r['peak_gpu_bytes'] and r['peak_gpu_bytes'] / 2**30, '{:.2f} GiB')} | {num(r and r['wall_seconds'], '{:.0f}')} |")
+    statuses = summary.get("variants", {})
+    parts += ["", "Runs:", "", "| variant | status | train s | tokens/s | peak GPU GiB | wall s |",
+              "|---|---" + "|---:" * 4 + "|"]
+    for n in (n for n in VARIANTS if n in rows or n in statuses):
+        r = rows.get(n, {})
+        cols = [fmt(r.get("train_seconds"), "{:.0f}"), fmt(r.get("train_tokens_per_s"), "{:,.0f}"),
+                fmt(r.get("peak_gpu_bytes") and r["peak_gpu_bytes"] / 2**30, "{:.2f}"),
+                fmt(r.get("wall_seconds"), "{:.0f}")]
+        parts.append(f"| {n} | {statuses.get(n, {}).get('status', 'finished')} | " + " | ".join(cols) + " |")
     return "\n".join(parts)
 
 
@@ -254,14 +259,11 @@ def pack(out: Path, dest: Path, max_mb: float) -> list[Path]:
     for old in dest.parent.glob(f"{dest.name}.[0-9][0-9]"):
         old.unlink()
     tmp = dest.with_name(f".{dest.name}.tmp")
+    files = [out / "summary.json"] + [out / name / f for name, (kinds, _) in VARIANTS.items()
+                                      for f in PACKED + (("adapter",) if kinds else ())]  # full FT's weights stay
     with tarfile.open(tmp, "w:gz") as tar:
-        if (out / "summary.json").exists():
-            tar.add(out / "summary.json", arcname=f"{out.name}/summary.json")
-        for name, (kinds, _) in VARIANTS.items():
-            files = [out / name / f for f in PACKED] + ([out / name / "adapter"] if kinds else [])
-            for f in files:
-                if f.exists():
-                    tar.add(f, arcname=f"{out.name}/{name}/{f.name}")
+        for f in (f for f in files if f.exists()):
+            tar.add(f, arcname=f"{out.name}/{f.relative_to(out)}")
     os.replace(tmp, dest)
     limit = int(max_mb * 2**20)
     if dest.stat().st_size <= limit:
