@@ -145,9 +145,9 @@ def count_fused_calls(monkeypatch) -> list[int]:
     calls = []
     original = LoraLinearFunction.apply
 
-    def counting(x, scalings, *rest):
-        calls.append(len(scalings))
-        return original(x, scalings, *rest)
+    def counting(x, plan, *params):
+        calls.append(len(plan[0]))  # plan = (scalings, dropout, seed, A_cat, Bs)
+        return original(x, plan, *params)
 
     monkeypatch.setattr(LoraLinearFunction, "apply", counting)
     return calls

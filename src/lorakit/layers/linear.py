@@ -41,21 +41,32 @@ class LoraLinear(LoraLayer):
         self.in_features, self.out_features = dense_features(base_layer)
         self.use_fused_op: bool | None = None
         self.shared_input: SharedInput | None = None  # set by link_siblings()
+        self._casts: tuple | None = None  # (A, B, versions, dtype, A in dtype, B in dtype)
+        self._cat: tuple | None = None  # (the A casts it was made from, their concatenation)
 
     def fused_args(self, x: torch.Tensor) -> tuple | None:
-        """(weight, bias, A, B, scaling, dropout p) when this call can take the fused op, else None."""
-        use = self.use_fused_op if self.use_fused_op is not None else x.is_cuda
-        if not use or self.disabled or self.fan_in_fan_out or type(self.base_layer) is not nn.Linear:
+        """(weight, bias, A, B, scaling, dropout p) when this call can take the fused op, else None.
+
+        Called on every forward, so it reads the module tables directly rather than through
+        nn.Module's attribute lookup."""
+        use = self.use_fused_op
+        if not (x.is_cuda if use is None else use) or self.disabled or self.fan_in_fan_out:
             return None
-        if torch.compiler.is_compiling():  # the compiler fuses the reference ops itself
+        modules = self._modules
+        base = modules["base_layer"]
+        if type(base) is not nn.Linear or torch.compiler.is_compiling():  # the compiler fuses the reference ops
             return None
-        pending = [n for n in self.active_adapters if n not in self.merged_adapters]
+        pending = self.active_adapters
+        if self.merged_adapters:
+            pending = [n for n in pending if n not in self.merged_adapters]
         if len(pending) != 1:
             return None
-        name, base = pending[0], self.base_layer
-        dropout = self.lora_dropout[name]
-        p = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
-        return base.weight, base.bias, self.lora_A[name], self.lora_B[name], self.scaling[name], p
+        name = pending[0]
+        dropout = modules["lora_dropout"]._modules[name]
+        p = dropout.p if self.training and type(dropout) is nn.Dropout else 0.0
+        weights = base._parameters
+        return (weights["weight"], weights["bias"], modules["lora_A"]._parameters[name],
+                modules["lora_B"]._parameters[name], self.scaling[name], p)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         fused = None if args or kwargs or not x.is_floating_point() else self.fused_args(x)
@@ -71,14 +82,37 @@ class LoraLinear(LoraLayer):
             x_run = x.to(torch.get_autocast_dtype(x.device.type))
         *layer, p = fused
         if group is None or p > 0:
-            return fused_lora_linears(x_run, [layer], p, training=p > 0)[0]
+            return fused_lora_linears(x_run, [layer], p, training=p > 0, casts=self._cast_adapters(
+                [self], [layer], x_run.dtype))[0]
         followers = [(f, args_) for f in group.followers_of(self)
                      if (args_ := f.fused_args(x)) is not None and args_[-1] == 0]
-        outs = fused_lora_linears(x_run, [layer] + [a[:-1] for _, a in followers])
+        layers = [layer] + [a[:-1] for _, a in followers]
+        casts = self._cast_adapters([self] + [f for f, _ in followers], layers, x_run.dtype)
+        outs = fused_lora_linears(x_run, layers, casts=casts)
         if followers:
-            group.stash(x, {f: o for (f, _), o in zip(followers, outs[1:])})
+            group.stash(x, {f: (a, o) for (f, a), o in zip(followers, outs[1:])})
         group.observe(self, x)
         return outs[0]
+
+    def _cast_adapter(self, A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype) -> tuple:
+        """A and B in ``dtype``, detached, made again only after an optimizer step (or any other
+        in-place change) touches them: two fewer kernel launches per layer and call."""
+        versions = (A._version, B._version)
+        c = self._casts
+        if c is None or c[0] is not A or c[1] is not B or c[2] != versions or c[3] != dtype:
+            c = self._casts = (A, B, versions, dtype, A.detach().to(dtype), B.detach().to(dtype))
+        return c[4], c[5]
+
+    def _cast_adapters(self, owners: list[LoraLinear], layers: list[tuple], dtype: torch.dtype) -> tuple:
+        """(A_cat, Bs) for the fused op: the layers' adapters in ``dtype``, A's stacked."""
+        pairs = [owner._cast_adapter(A, B, dtype) for owner, (_, _, A, B, _) in zip(owners, layers)]
+        As = tuple(a for a, _ in pairs)
+        if len(As) == 1:
+            return As[0], (pairs[0][1],)
+        c = self._cat
+        if c is None or len(c[0]) != len(As) or any(a is not b for a, b in zip(c[0], As)):
+            c = self._cat = (As, torch.cat(As))
+        return c[1], tuple(b for _, b in pairs)
 
     def adapter_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (r, self.in_features), (self.out_features, r)
@@ -123,27 +157,29 @@ class SharedInput:
         return self.followers.get(leader, ())
 
     @staticmethod
-    def _key(layer: LoraLinear, x: torch.Tensor) -> tuple:
-        args = layer.fused_args(x)
-        versions = tuple(t._version for t in args[:4] if t is not None) if args else None
-        return (x._version, torch.is_grad_enabled(), torch.is_autocast_enabled(x.device.type),
-                tuple(map(id, args[:4])) if args else None, versions)
+    def _key(x: torch.Tensor, args: tuple) -> tuple:
+        """What a kept output depends on: x's and the layer's tensors' versions, scaling, grad mode."""
+        return (x._version, torch.is_grad_enabled(), torch.is_autocast_enabled(x.device.type), args[4],
+                *(t._version for t in args[:4] if t is not None))
 
     def take(self, layer: LoraLinear, x: torch.Tensor) -> torch.Tensor | None:
         entry = self._stash.pop(layer, None)
         if entry is None:
             return None
-        ref, key, out = entry
-        if ref() is x and key == self._key(layer, x):
+        ref, args, key, out = entry
+        now = layer.fused_args(x)
+        if (ref() is x and now is not None and all(a is b for a, b in zip(now[:4], args[:4]))
+                and key == self._key(x, now)):
             return out
         self._drop(layer)
         return None
 
-    def stash(self, x: torch.Tensor, outs: dict[LoraLinear, torch.Tensor]) -> None:
+    def stash(self, x: torch.Tensor, entries: dict[LoraLinear, tuple[tuple, torch.Tensor]]) -> None:
+        """Keep each follower's output, with the fused_args it was computed from."""
         for layer in self._stash:  # computed last time and never asked for
             self._drop(layer)
         ref = weakref.ref(x)
-        self._stash = {layer: (ref, self._key(layer, x), out) for layer, out in outs.items()}
+        self._stash = {layer: (ref, args, self._key(x, args), out) for layer, (args, out) in entries.items()}
 
     def observe(self, layer: LoraLinear, x: torch.Tensor) -> None:
         """Called after a layer computed its own output from x: learn who reads the same x."""

@@ -4,18 +4,21 @@ One call serves one layer, or several layers that read the same input (q, k, v; 
 A-projections are one matmul, x·[s_1·A_1; …; s_n·A_n]ᵀ, and their input gradient is one tensor, so
 autograd sums no per-layer copies of dx.
 
-What it saves for backward is what frozen base layers plus LoRA strictly need: the input x (which
-the base layers keep anyway) and the (T, Σr) projection — no dropped copy of x and no dropout mask
+What it saves for backward is what frozen base layers plus LoRA strictly need: the input x (the
+only activation LoRA adds: dA needs it) and the (T, Σr) projection — no dropped copy of x and no dropout mask
 (the mask is regenerated in backward from a seed drawn from torch's CPU generator, so training stays
 reproducible and resumable). The adapter's output is written first and the base matmul accumulates
 onto it in place (`addmm_`, C read in the GEMM's epilogue), so the adapter costs one write of the
 output rather than a read-modify-write pass. Backward, per layer and then once for the group:
 
-    g_low_i = g_i·B_i          (T, r_i)      dB_i = g_iᵀ·low_i          (d_out_i, r_i)
+    g_low_i = s_i·g_i·B_i      (T, r_i)      dB_i = s_i·g_iᵀ·low_i      (d_out_i, r_i)
     dA = g_lowᵀ·drop(x)        (Σr, d_in)    dx = drop'(g_low·A) + Σ_i g_i·W_i   (one buffer)
 
-Matmuls run in x's dtype (a float32 adapter on a bf16 base computes in bf16, as autocast would);
-A and B gradients come back in the adapters' own dtype. `tests/test_ops.py` compares this against a
+The scalings ride in the matmuls' alpha, so no extra pass scales anything. Matmuls run in x's dtype
+(a float32 adapter on a bf16 base computes in bf16, as autocast would); A and B gradients come back
+in the adapters' own dtype (on CUDA straight from the matmul, accumulated in float32). The caller
+may pass the adapters already cast to x's dtype (`LoraLinear` caches them between optimizer steps),
+which saves two small cast kernels per layer and call — at this size launches, not FLOPs, are the cost. `tests/test_ops.py` compares this against a
 float64 recomputation of the reference math (`reference.lora_delta` plus the base layer).
 """
 
@@ -26,6 +29,7 @@ from typing import Sequence
 import torch
 
 PER_LAYER = 4  # tensors per layer in LoraLinearFunction.apply: weight, bias, A, B
+_ADDMM_DTYPE = hasattr(torch.ops.aten.addmm, "dtype")  # mixed-precision output (CUDA, torch >= 2.9)
 
 
 def _mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
@@ -36,62 +40,87 @@ def _mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     return keep.div_(1.0 - p)
 
 
+def _mm_as(a: torch.Tensor, b: torch.Tensor, alpha: float, dtype: torch.dtype) -> torch.Tensor:
+    """alpha·a@b in ``dtype``; on CUDA a bf16/fp16 product is written as float32 by the matmul itself."""
+    global _ADDMM_DTYPE
+    if dtype != a.dtype and a.is_cuda and _ADDMM_DTYPE:
+        out = torch.empty(a.shape[0], b.shape[1], device=a.device, dtype=dtype)
+        try:
+            return torch.ops.aten.addmm.dtype(out, a, b, dtype, beta=0, alpha=alpha)
+        except (RuntimeError, NotImplementedError):  # this build or dtype pair lacks it: cast after
+            _ADDMM_DTYPE = False
+    out = a @ b
+    return (out.mul_(alpha) if alpha != 1 else out).to(dtype)
+
+
+def cast_adapters(As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor], dtype: torch.dtype):
+    """[A_1; …; A_n] and each B_i in ``dtype``, detached: the operands the fused op multiplies with."""
+    A_cat = torch.cat([A.detach() for A in As]) if len(As) > 1 else As[0].detach()
+    return A_cat.to(dtype), tuple(B.detach().to(dtype) for B in Bs)
+
+
 class LoraLinearFunction(torch.autograd.Function):
-    """apply(x, scalings, dropout, seed, W_1, b_1, A_1, B_1, …, W_n, b_n, A_n, B_n) -> n outputs."""
+    """apply(x, plan, W_1, b_1, A_1, B_1, …, W_n, b_n, A_n, B_n) -> n outputs, where
+    plan = (scalings, dropout, seed, A_cat, Bs) and A_cat, Bs are the adapters in x's dtype."""
 
     @staticmethod
-    def forward(ctx, x, scalings: tuple[float, ...], dropout: float, seed: int, *params):
+    def forward(ctx, x, plan, *params):
+        scalings, dropout, seed, A_cat, Bs_ = plan
         ctx.set_materialize_grads(False)  # a layer whose output goes unused costs nothing in backward
         dt = x.dtype
         x2d = x.reshape(-1, x.shape[-1])
         x_in = x2d * _mask(x2d, dropout, seed) if dropout > 0 else x2d
         weights, biases, As, Bs = (params[k::PER_LAYER] for k in range(PER_LAYER))
-        # The scaling is folded into A, so `low` is already s·x·Aᵀ.
-        A_cat = torch.cat([A.to(dt) * s for A, s in zip(As, scalings)])
+        ranks = [A.shape[0] for A in As]
         low = x_in @ A_cat.t()                                   # (T, Σr)
+        lows = low.split(ranks, dim=1) if len(ranks) > 1 else (low,)
         outs = []
-        for W, b, B, lo in zip(weights, biases, Bs, low.split([A.shape[0] for A in As], dim=1)):
-            B_ = B.to(dt)
-            y = torch.addmm(b.to(dt), lo, B_.t()) if b is not None else lo @ B_.t()
-            y.addmm_(x2d, W.to(dt).t())                          # base matmul onto the adapter's output
+        for W, b, B_, lo, s in zip(weights, biases, Bs_, lows, scalings):
+            if b is not None:
+                y = torch.addmm(b.to(dt), lo, B_.t(), alpha=s)
+            else:
+                y = x2d.new_empty(x2d.shape[0], B_.shape[0]).addmm_(lo, B_.t(), beta=0, alpha=s)
+            y.addmm_(x2d, W.t() if W.dtype == dt else W.to(dt).t())  # base matmul onto the adapter's output
             outs.append(y.view(*x.shape[:-1], y.shape[-1]))
-        ctx.save_for_backward(x, low, A_cat, *weights, *Bs)
-        ctx.scalings, ctx.dropout, ctx.seed = scalings, dropout, seed
-        ctx.ranks = [A.shape[0] for A in As]
+        ctx.save_for_backward(x, low, *weights)
+        ctx.A_cat, ctx.Bs_ = A_cat, Bs_
+        ctx.scalings, ctx.dropout, ctx.seed, ctx.ranks = scalings, dropout, seed, ranks
         ctx.param_dtypes = [(A.dtype, B.dtype) for A, B in zip(As, Bs)]
         ctx.bias_needs_grad = [b is not None and b.requires_grad for b in biases]
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
-        n = len(ctx.ranks)
-        x, low, A_cat, *rest = ctx.saved_tensors
-        weights, Bs = rest[:n], rest[n:]
+        x, low, *weights = ctx.saved_tensors
+        A_cat, Bs_, ranks = ctx.A_cat, ctx.Bs_, ctx.ranks
         needs = ctx.needs_input_grad
         x2d = x.reshape(-1, x.shape[-1])
         dt = x.dtype
-        layer_grads: list = [None] * (PER_LAYER * n)
-        g_lows = []
-        for i, (g, W, B, lo) in enumerate(zip(grads, weights, Bs, low.split(ctx.ranks, dim=1))):
+        layer_grads: list = [None] * (PER_LAYER * len(ranks))
+        g_low = low.new_empty(low.shape)                         # (T, Σr)
+        start = 0
+        for i, (g, B_, s, r) in enumerate(zip(grads, Bs_, ctx.scalings, ranks)):
+            g_low_i, lo = g_low[:, start:start + r], low[:, start:start + r]
+            start += r
             if g is None:  # this layer's output was not used
-                g_lows.append(torch.zeros_like(lo))
+                g_low_i.zero_()
                 continue
             g2d = g.reshape(-1, g.shape[-1]).to(dt)
-            g_lows.append(g2d @ B.to(dt))                        # (T, r_i), gradient of s·x·A_iᵀ
-            base = 4 + PER_LAYER * i
+            g_low_i.addmm_(g2d, B_, beta=0, alpha=s)               # gradient of x·A_iᵀ
+            base = 2 + PER_LAYER * i
             if needs[base]:
-                layer_grads[PER_LAYER * i] = (g2d.t() @ x2d).to(W.dtype)
+                layer_grads[PER_LAYER * i] = (g2d.t() @ x2d).to(weights[i].dtype)
             if ctx.bias_needs_grad[i]:
                 layer_grads[PER_LAYER * i + 1] = g2d.sum(0)
             if needs[base + 3]:
-                layer_grads[PER_LAYER * i + 3] = (g2d.t() @ lo).to(ctx.param_dtypes[i][1])
-        g_low = torch.cat(g_lows, dim=1) if n > 1 else g_lows[0]  # (T, Σr)
+                layer_grads[PER_LAYER * i + 3] = _mm_as(g2d.t(), lo, s, ctx.param_dtypes[i][1])
         mask = _mask(x2d, ctx.dropout, ctx.seed) if ctx.dropout > 0 else None
-        if any(needs[4 + PER_LAYER * i + 2] for i in range(n)):
+        if any(needs[2 + PER_LAYER * i + 2] for i in range(len(ranks))):
             x_in = x2d * mask if mask is not None else x2d
-            dA_cat = g_low.t() @ x_in                            # (Σr, d_in), gradient of s_i·A_i
-            for i, (dA, s) in enumerate(zip(dA_cat.split(ctx.ranks), ctx.scalings)):
-                layer_grads[PER_LAYER * i + 2] = (dA * s).to(ctx.param_dtypes[i][0])
+            a_dtype = ctx.param_dtypes[0][0]
+            dA_cat = _mm_as(g_low.t(), x_in, 1, a_dtype)          # (Σr, d_in)
+            for i, dA in enumerate(dA_cat.split(ranks) if len(ranks) > 1 else (dA_cat,)):
+                layer_grads[PER_LAYER * i + 2] = dA if ctx.param_dtypes[i][0] == a_dtype else dA.to(ctx.param_dtypes[i][0])
         grad_x = None
         if needs[0]:
             grad_x = g_low @ A_cat                               # (T, d_in), the adapters' part
@@ -99,9 +128,9 @@ class LoraLinearFunction(torch.autograd.Function):
                 grad_x.mul_(mask)
             for g, W in zip(grads, weights):
                 if g is not None:
-                    grad_x.addmm_(g.reshape(-1, g.shape[-1]).to(dt), W.to(dt))
+                    grad_x.addmm_(g.reshape(-1, g.shape[-1]).to(dt), W if W.dtype == dt else W.to(dt))
             grad_x = grad_x.view(x.shape)
-        return (grad_x, None, None, None, *layer_grads)
+        return (grad_x, None, *layer_grads)
 
 
 def draw_seed(p: float) -> int:
@@ -110,12 +139,16 @@ def draw_seed(p: float) -> int:
 
 
 def fused_lora_linears(x: torch.Tensor, layers: Sequence[tuple], dropout: float = 0.0,
-                       training: bool = False) -> tuple[torch.Tensor, ...]:
+                       training: bool = False, casts: tuple | None = None) -> tuple[torch.Tensor, ...]:
     """Several linear layers reading the same x, each with one adapter: ``layers`` holds
-    ``(weight, bias, A, B, scaling)`` per layer. Returns one output per layer."""
+    ``(weight, bias, A, B, scaling)`` per layer. Returns one output per layer. ``casts``:
+    ``cast_adapters(As, Bs, x.dtype)`` when the caller keeps them."""
     p = dropout if training else 0.0
     params = [t for W, b, A, B, _ in layers for t in (W, b, A, B)]
-    return LoraLinearFunction.apply(x, tuple(s for *_, s in layers), p, draw_seed(p), *params)
+    if casts is None:
+        casts = cast_adapters([layer[2] for layer in layers], [layer[3] for layer in layers], x.dtype)
+    plan = (tuple(layer[4] for layer in layers), p, draw_seed(p), *casts)
+    return LoraLinearFunction.apply(x, plan, *params)
 
 
 def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
