@@ -197,6 +197,21 @@ def test_layers_with_fused_op_equal_the_reference_path_and_group_q_k_v(monkeypat
                         p.add_(0.01)
 
 
+def test_fused_groups_work_under_inference_mode(monkeypatch):
+    calls = count_fused_calls(monkeypatch)
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    model = injected_llama(True).eval()
+    with torch.inference_mode():
+        got = [model(input_ids=ids).logits for _ in range(2)]
+    assert 3 in calls  # the second forward ran q|k|v as one group
+    for m in model.modules():
+        if hasattr(m, "use_fused_op"):
+            m.use_fused_op = False
+    with torch.inference_mode():
+        want = model(input_ids=ids).logits
+    torch.testing.assert_close(got[1], want)
+
+
 def test_auto_mode_uses_the_reference_path_on_cpu(monkeypatch):
     calls = count_fused_calls(monkeypatch)
     model = injected_llama(None)

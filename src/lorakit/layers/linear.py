@@ -125,6 +125,12 @@ class LoraLinear(LoraLayer):
         return dw.t() if self.fan_in_fan_out else dw
 
 
+def _version(t: torch.Tensor) -> int | None:
+    """In-place version counter; inference-mode tensors have none (they are never changed in place
+    within a forward in practice, and identity still has to match)."""
+    return None if t.is_inference() else t._version
+
+
 class SharedInput:
     """Sibling LoRA linears (one parent, one input width) that may read the same tensor.
 
@@ -159,8 +165,8 @@ class SharedInput:
     @staticmethod
     def _key(x: torch.Tensor, args: tuple) -> tuple:
         """What a kept output depends on: x's and the layer's tensors' versions, scaling, grad mode."""
-        return (x._version, torch.is_grad_enabled(), torch.is_autocast_enabled(x.device.type), args[4],
-                *(t._version for t in args[:4] if t is not None))
+        return (_version(x), torch.is_grad_enabled(), torch.is_autocast_enabled(x.device.type), args[4],
+                *(_version(t) for t in args[:4] if t is not None))
 
     def take(self, layer: LoraLinear, x: torch.Tensor) -> torch.Tensor | None:
         entry = self._stash.pop(layer, None)
@@ -186,11 +192,11 @@ class SharedInput:
         plan = self._plan()
         is_follower = any(layer in chain for chain in plan.values())
         last = self._last
-        if (last is not None and last[0]() is x and last[1] == x._version and last[2] is not layer
+        if (last is not None and last[0]() is x and last[1] == _version(x) and last[2] is not layer
                 and not plan.get(layer) and not is_follower):
             plan[last[2]] = plan.get(last[2], ()) + (layer,)
         elif not is_follower:
-            self._last = (weakref.ref(x), x._version, layer)
+            self._last = (weakref.ref(x), _version(x), layer)
 
     def _plan(self) -> dict[LoraLinear, tuple[LoraLinear, ...]]:
         if self._next is None:
