@@ -212,6 +212,20 @@ def test_fused_groups_work_under_inference_mode(monkeypatch):
     torch.testing.assert_close(got[1], want)
 
 
+def test_kept_adapter_casts_follow_replaced_storage():
+    model = injected_llama(True).train()
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids).logits.sum().backward()  # keeps casts of every adapter
+    for p in model.parameters():  # what .to(device) does: new storage, same Parameter, same version
+        if p.requires_grad:
+            p.data = p.data * 2
+    got = model(input_ids=ids).logits
+    for m in model.modules():
+        if hasattr(m, "use_fused_op"):
+            m.use_fused_op = False
+    torch.testing.assert_close(got, model(input_ids=ids).logits)
+
+
 def test_auto_mode_uses_the_reference_path_on_cpu(monkeypatch):
     calls = count_fused_calls(monkeypatch)
     model = injected_llama(None)

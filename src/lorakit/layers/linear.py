@@ -97,7 +97,7 @@ class LoraLinear(LoraLayer):
     def _cast_adapter(self, A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype) -> tuple:
         """A and B in ``dtype``, detached, made again only after an optimizer step (or any other
         in-place change) touches them: two fewer kernel launches per layer and call."""
-        versions = (A._version, B._version)
+        versions = (A._version, B._version, A.data_ptr(), B.data_ptr())  # .to() swaps storage, not version
         c = self._casts
         if c is None or c[0] is not A or c[1] is not B or c[2] != versions or c[3] != dtype:
             c = self._casts = (A, B, versions, dtype, A.detach().to(dtype), B.detach().to(dtype))
