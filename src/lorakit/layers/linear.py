@@ -114,6 +114,10 @@ class LoraLinear(LoraLayer):
             c = self._cat = (As, torch.cat(As))
         return c[1], tuple(b for _, b in pairs)
 
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        self._casts = self._cat = None  # let the deleted adapter's tensors go
+
     def adapter_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (r, self.in_features), (self.out_features, r)
 
