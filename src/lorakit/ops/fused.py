@@ -4,8 +4,9 @@ One call serves one layer, or several layers that read the same input (q, k, v; 
 A-projections are one matmul, x·[s_1·A_1; …; s_n·A_n]ᵀ, and their input gradient is one tensor, so
 autograd sums no per-layer copies of dx.
 
-What it saves for backward is what frozen base layers plus LoRA strictly need: the input x (the
-only activation LoRA adds: dA needs it) and the (T, Σr) projection — no dropped copy of x and no dropout mask
+What it saves for backward is what frozen base layers plus LoRA strictly need: the (T, Σr)
+projection and the input x, which dA needs — and not even x when it can be rebuilt exactly from
+tensors autograd keeps anyway (RMSNorm's and SwiGLU's outputs; `ops/rebuild.py`) — no dropped copy of x and no dropout mask
 (the mask is regenerated in backward from a seed drawn from torch's CPU generator, so training stays
 reproducible and resumable). The adapter's output is written first and the base matmul accumulates
 onto it in place (`addmm_`, C read in the GEMM's epilogue), so the adapter costs one write of the
@@ -28,7 +29,10 @@ from typing import Sequence
 
 import torch
 
+from . import rebuild as rebuild_input
+
 PER_LAYER = 4  # tensors per layer in LoraLinearFunction.apply: weight, bias, A, B
+REBUILD_INPUTS = True  # see ops/rebuild.py; False keeps every layer's input for backward
 _ADDMM_DTYPE = hasattr(torch.ops.aten.addmm, "dtype")  # mixed-precision output (CUDA, torch >= 2.9)
 
 
@@ -82,7 +86,13 @@ class LoraLinearFunction(torch.autograd.Function):
                 y = x2d.new_empty(x2d.shape[0], B_.shape[0]).addmm_(lo, B_.t(), beta=0, alpha=s)
             y.addmm_(x2d, W.t() if W.dtype == dt else W.to(dt).t())  # base matmul onto the adapter's output
             outs.append(y.view(*x.shape[:-1], y.shape[-1]))
-        ctx.save_for_backward(x, low, *weights)
+        # dA needs x. When x is an elementwise product whose factors autograd keeps anyway
+        # (RMSNorm's output, SwiGLU's), rebuild it in backward instead of keeping it.
+        recipe = None
+        if REBUILD_INPUTS and not any(W.requires_grad for W in weights):
+            recipe = rebuild_input.plan(x)
+        ctx.save_for_backward(*(() if recipe else (x,)), low, *weights)
+        ctx.recipe = recipe
         ctx.A_cat, ctx.Bs_ = A_cat, Bs_
         ctx.scalings, ctx.dropout, ctx.seed, ctx.ranks = scalings, dropout, seed, ranks
         ctx.param_dtypes = [(A.dtype, B.dtype) for A, B in zip(As, Bs)]
@@ -91,7 +101,11 @@ class LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        x, low, *weights = ctx.saved_tensors
+        if ctx.recipe is None:
+            x, low, *weights = ctx.saved_tensors
+        else:
+            low, *weights = ctx.saved_tensors
+            x = rebuild_input.rebuild(ctx.recipe)
         A_cat, Bs_, ranks = ctx.A_cat, ctx.Bs_, ctx.ranks
         needs = ctx.needs_input_grad
         x2d = x.reshape(-1, x.shape[-1])

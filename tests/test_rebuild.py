@@ -1,0 +1,95 @@
+"""Rebuilding an adapted layer's input in backward (ops/rebuild.py): exact, or not attempted."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorakit.ops import rebuild
+
+from test_ops import count_fused_calls, injected_llama, loss_and_grads
+
+
+def rms_norm(h, weight, eps=1e-6):
+    """LlamaRMSNorm's arithmetic, in the order transformers writes it."""
+    dtype = h.dtype
+    hs = h.to(torch.float32)
+    hs = hs * torch.rsqrt(hs.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * hs.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_and_swiglu_outputs_are_rebuilt_bit_for_bit(dtype):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 7, 16, generator=g).to(dtype).requires_grad_()
+    weight = (torch.rand(16, generator=g) + 0.5).to(dtype)  # frozen, as in LoRA training
+    x = rms_norm(h, weight)
+    recipe = rebuild.plan(x)
+    assert recipe is not None
+    assert torch.equal(rebuild.rebuild(recipe), x)
+
+    gate = torch.randn(3, 7, 32, generator=g).to(dtype).requires_grad_()
+    up = torch.randn(3, 7, 32, generator=g).to(dtype).requires_grad_()
+    p = torch.nn.functional.silu(gate) * up
+    assert torch.equal(rebuild.rebuild(rebuild.plan(p)), p)
+
+
+def test_other_inputs_are_not_rebuilt():
+    h = torch.randn(4, 8, requires_grad=True)
+    assert rebuild.plan(h) is None  # a leaf
+    assert rebuild.plan(h.t().contiguous()) is None  # a copy of another layout
+    assert rebuild.plan(h * 2.0) is None  # tensor · scalar
+    assert rebuild.plan(torch.tanh(h)) is None
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        assert rebuild.plan(h * h) is None  # checkpointing / offloading decides what is kept
+
+
+def fused_activation_bytes(loss: torch.Tensor) -> int:
+    """Bytes of the non-parameter tensors the fused op's graph nodes keep for backward."""
+    seen, stack, storages = set(), [loss.grad_fn], {}
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == "LoraLinearFunctionBackward":
+            for t in node.saved_tensors:
+                if not isinstance(t, torch.nn.Parameter):
+                    storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        stack += [child for child, _ in node.next_functions]
+    return sum(storages.values())
+
+
+def test_a_llama_keeps_only_o_projs_input_and_grads_do_not_change(monkeypatch):
+    import lorakit.ops.fused as fused
+
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    calls = count_fused_calls(monkeypatch)
+    recipes = []
+    original = fused.rebuild_input.plan
+    monkeypatch.setattr(fused.rebuild_input, "plan", lambda x: recipes.append(original(x)) or recipes[-1])
+    results, saved = [], []
+    for rebuild_inputs in (False, True):
+        monkeypatch.setattr(fused, "REBUILD_INPUTS", rebuild_inputs)
+        model = injected_llama(True).train()
+        loss_and_grads(model, ids)  # learns the q|k|v and gate|up groups
+        recipes.clear()
+        calls.clear()
+        loss = model(input_ids=ids, labels=ids).loss
+        saved.append(fused_activation_bytes(loss))
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        results.append(loss_and_grads(model, ids))
+    # Per decoder layer: q|k|v and gate|up rebuild RMSNorm's output, down rebuilds SwiGLU's; o_proj
+    # reads the attention output, a reshaped copy, and keeps it.
+    assert calls[:8] == [3, 1, 2, 1] * 2  # the first forward of the rebuilding model: q|k|v, o, gate|up, down
+    # Layer 0's attention input comes from the frozen embedding: it needs no gradient, has no graph
+    # to rebuild it from, and is kept.
+    assert [r is not None for r in recipes[:8]] == [False, False, True, True] + [True, False, True, True]
+    hidden, inter, tokens = 32, 64, 2 * 9
+    # float32: the MLP input and the SwiGLU product of both layers and layer 1's attention input
+    assert saved[0] - saved[1] >= tokens * (3 * hidden + 2 * inter) * 4
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b)
+    for name in grads_a:
+        assert torch.equal(grads_a[name], grads_b[name]), name
