@@ -10,8 +10,8 @@ same model, seed and batches, and prints a table of medians and ratios:
   default (the fused op of ``ops/fused.py`` on CUDA, the plain torch reference ops on CPU).
 - Ablations of lorakit: ``reference-*`` (the torch reference ops forced), ``fused-*`` (the fused op
   forced, also on CPU), ``ungrouped-*`` (the fused op, one call per layer: no shared q|k|v and
-  gate|up projections), ``keepx-*`` (the fused op keeping every layer's input instead of
-  rebuilding RMSNorm's and SwiGLU's outputs in backward, ``ops/rebuild.py``).
+  gate|up projections), ``rebuild-*`` (the fused op with ``REBUILD_INPUTS``: RMSNorm's and
+  SwiGLU's outputs are rebuilt in backward rather than kept, ``ops/rebuild.py``).
 
 CPU (this repo's default): SmolLM2-135M, float32, batch 4 × 128; peak memory is the process's
 peak RSS. GPU: a Llama of TinyLlama-1.1B's shape with random weights, bf16, sdpa attention,
@@ -41,7 +41,7 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = ["floor", "full", "peft-qv-r8", "lorakit-qv-r8", "fused-qv-r8", "peft-all-r16", "lorakit-all-r16",
             "fused-all-r16"]
-LIBRARIES = ("lorakit", "reference", "fused", "ungrouped", "keepx")
+LIBRARIES = ("lorakit", "reference", "fused", "ungrouped", "rebuild")
 LORA = {  # variant suffix -> (rank, alpha, targets)
     "qv-r8": (8, 16, ["q_proj", "v_proj"]),
     "all-r16": (16, 32, "all-linear"),
@@ -83,10 +83,10 @@ def prepare(model, variant: str):
         import lorakit
 
         lorakit.inject(model, lorakit.LoraConfig(r=r, alpha=alpha, target_modules=targets))
-        if library == "keepx":
+        if library == "rebuild":
             import lorakit.ops.fused
 
-            lorakit.ops.fused.REBUILD_INPUTS = False
+            lorakit.ops.fused.REBUILD_INPUTS = True
         for module in model.modules():
             if isinstance(module, lorakit.LoraLayer) and library != "lorakit":
                 module.use_fused_op = library != "reference"

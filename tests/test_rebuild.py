@@ -93,3 +93,24 @@ def test_a_llama_keeps_only_o_projs_input_and_grads_do_not_change(monkeypatch):
     assert torch.equal(loss_a, loss_b)
     for name in grads_a:
         assert torch.equal(grads_a[name], grads_b[name]), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_autocast_rebuild_gives_the_same_loss_and_grads(monkeypatch):
+    import lorakit.ops.fused as fused
+
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0)).cuda()
+    results = []
+    for rebuild_inputs in (False, True):
+        monkeypatch.setattr(fused, "REBUILD_INPUTS", rebuild_inputs)
+        model = injected_llama(None).cuda().train()
+        for _ in range(2):  # the second step runs the groups
+            model.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters() if p.requires_grad]))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a, rtol=0, atol=0)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=0)
