@@ -20,6 +20,7 @@ batch 8 × 1024; peak memory is ``torch.cuda.max_memory_allocated``.
     .venv/bin/python benchmarks/train_speed.py                 # CPU table
     python benchmarks/train_speed.py --device cuda             # GPU table
     python benchmarks/train_speed.py --check-equivalence       # lorakit vs PEFT: same loss after 20 steps
+    .venv/bin/python benchmarks/train_speed.py --interleave lorakit-qv-r8,peft-qv-r8 --steps 20   # one-process ratio
 
 Writes ``benchmarks/results/train_speed_<device>.json``.
 """
@@ -133,6 +134,46 @@ def measure(variant: str, args) -> dict:
             "peak_bytes": peak, "trainable_params": n_trainable, "step_times_s": times}
 
 
+def interleave(pair: str, args) -> dict:
+    """Step-time ratio of two variants measured in one process, alternating steps on the same
+    batches: on a small, noisy machine this is steadier than two separate runs (no memory figure)."""
+    names = pair.split(",")
+    setups = []
+    for name in names:
+        model = build_model(args.device)
+        model.train()
+        model, params = prepare(model, name)
+        setups.append((name, model, torch.optim.AdamW(params, lr=1e-4) if params else None))
+    vocab = setups[0][1].config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, vocab, (args.batch, args.seq), generator=g).to(args.device) for _ in range(4)]
+    times = {name: [] for name in names}
+    for step in range(args.warmup + args.steps):
+        for name, model, opt in (setups if step % 2 == 0 else setups[::-1]):  # alternate who goes first
+            ids = batches[step % len(batches)]
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.device == "cuda"):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            if opt is not None:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            if step >= args.warmup:
+                times[name].append(time.perf_counter() - start)
+    a, b = names
+    ratios = sorted(x / y for x, y in zip(times[a], times[b]))
+    q = len(ratios) // 4
+    result = {"pair": names, "steps": args.steps, "median_s": {n: statistics.median(t) for n, t in times.items()},
+              "ratio_median": statistics.median(ratios), "ratio_iqr": [ratios[q], ratios[-q - 1]], "step_times_s": times}
+    print(f"{a} / {b}: step time {result['ratio_median']:.3f}× (per-step ratios, IQR "
+          f"{ratios[q]:.3f}–{ratios[-q - 1]:.3f}; medians {result['median_s'][a]:.3f} s vs {result['median_s'][b]:.3f} s)")
+    return result
+
+
 def profile(variant: str, args) -> str:
     """torch.profiler table (top operators by device time) of a few steps of one variant."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
@@ -217,12 +258,21 @@ def main() -> None:
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one variant, print JSON
     p.add_argument("--check-equivalence", action="store_true")
     p.add_argument("--profile", metavar="VARIANT", help="print and save a torch.profiler table of VARIANT")
+    p.add_argument("--interleave", metavar="A,B[;C,D…]", help="step-time ratios of pairs of variants, "
+                   "each pair in one process with alternating steps; writes train_interleaved_<device>.json")
     args = p.parse_args()
     args.batch = args.batch or (8 if args.device == "cuda" else 4)
     args.seq = args.seq or (1024 if args.device == "cuda" else 128)
 
     if args.one:
         print("RESULT " + json.dumps(measure(args.one, args)))
+        return
+    if args.interleave:
+        results = [interleave(pair, args) for pair in args.interleave.split(";")]
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / f"train_interleaved_{args.device}.json").write_text(json.dumps(
+            {"device": args.device, "batch": args.batch, "seq": args.seq, "torch": torch.__version__,
+             "results": results}, indent=2) + "\n")
         return
     if args.profile:
         table = profile(args.profile, args)

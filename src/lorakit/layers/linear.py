@@ -192,14 +192,18 @@ class SharedInput:
         self._stash = {layer: (ref, args, self._key(x, args), out) for layer, (args, out) in entries.items()}
 
     def observe(self, layer: LoraLinear, x: torch.Tensor) -> None:
-        """Called after a layer computed its own output from x: learn who reads the same x."""
-        plan = self._plan()
-        is_follower = any(layer in chain for chain in plan.values())
+        """Called after a layer computed its own output from x: learn who reads the same x.
+        Once the groups are learned this only records the latest leading call (no plan copy)."""
         last = self._last
-        if (last is not None and last[0]() is x and last[1] == _version(x) and last[2] is not layer
-                and not plan.get(layer) and not is_follower):
+        same_input = (last is not None and last[2] is not layer and last[0]() is x
+                      and last[1] == _version(x))
+        plan = self._next if self._next is not None else self.followers
+        if any(layer in chain for chain in plan.values()):
+            return  # a follower computing alone (its kept output did not fit) leads nothing
+        if same_input and not plan.get(layer):
+            plan = self._plan()
             plan[last[2]] = plan.get(last[2], ()) + (layer,)
-        elif not is_follower:
+        else:
             self._last = (weakref.ref(x), _version(x), layer)
 
     def _plan(self) -> dict[LoraLinear, tuple[LoraLinear, ...]]:
