@@ -1,7 +1,9 @@
 """The LoRA compute, shared by training, merging and serving.
 
-Every function here has a plain torch reference; faster kernels live beside it with the same
-signature and a test that compares the two.
+`reference.py` is the plain torch math. `fused.py` is the fused autograd op that LoraLinear uses on
+CUDA (one call for layers that share an input); `tests/test_ops.py` compares it with a float64
+recomputation of the reference. `rebuild.py` recomputes a layer's input in backward from tensors
+autograd keeps anyway (opt-in, `fused.REBUILD_INPUTS`).
 """
 
 from .reference import conv_delta_weight, delta_weight, lora_delta

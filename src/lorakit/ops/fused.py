@@ -1,25 +1,25 @@
 """LoRA linear layers as one autograd function: h_i = x·W_iᵀ + b_i + s_i·(drop(x)·A_iᵀ)·B_iᵀ.
 
 One call serves one layer, or several layers that read the same input (q, k, v; gate, up): their
-A-projections are one matmul, x·[s_1·A_1; …; s_n·A_n]ᵀ, and their input gradient is one tensor, so
+A-projections are one matmul, low = x·[A_1; …; A_n]ᵀ, and their input gradient is one tensor, so
 autograd sums no per-layer copies of dx.
 
-What it saves for backward is what frozen base layers plus LoRA strictly need: the (T, Σr)
-projection and the input x, which dA needs — or, with ``REBUILD_INPUTS``, not even x when it can be
-rebuilt exactly from tensors autograd keeps anyway (RMSNorm's and SwiGLU's outputs; `ops/rebuild.py`) — no dropped copy of x and no dropout mask
-(the mask is regenerated in backward from a seed drawn from torch's CPU generator, so training stays
-reproducible and resumable). The adapter's output is written first and the base matmul accumulates
-onto it in place (`addmm_`, C read in the GEMM's epilogue), so the adapter costs one write of the
-output rather than a read-modify-write pass. Backward, per layer and then once for the group:
+Saved for backward: the (T, Σr) projection and x, which dA needs. With ``REBUILD_INPUTS``, x is not
+saved when it can be rebuilt exactly from tensors autograd keeps anyway (RMSNorm's and SwiGLU's
+outputs, `ops/rebuild.py`). Never a dropped copy of x or a dropout mask: the mask is regenerated in
+backward from a seed drawn from torch's CPU generator, so training stays reproducible and
+resumable. Each adapter's output is written first and the base matmul accumulates onto it in place
+(`addmm_`, C read in the GEMM's epilogue): one write of the output, not a read-modify-write pass.
+Backward, per layer and then once for the group:
 
     g_low_i = s_i·g_i·B_i      (T, r_i)      dB_i = s_i·g_iᵀ·low_i      (d_out_i, r_i)
     dA = g_lowᵀ·drop(x)        (Σr, d_in)    dx = drop'(g_low·A) + Σ_i g_i·W_i   (one buffer)
 
-The scalings ride in the matmuls' alpha, so no extra pass scales anything. Matmuls run in x's dtype
-(a float32 adapter on a bf16 base computes in bf16, as autocast would); A and B gradients come back
-in the adapters' own dtype (on CUDA straight from the matmul, accumulated in float32). The caller
-may pass the adapters already cast to x's dtype (`LoraLinear` caches them between optimizer steps),
-which saves two small cast kernels per layer and call — at this size launches, not FLOPs, are the cost. `tests/test_ops.py` compares this against a
+The scalings ride in the matmuls' alpha, so no pass scales anything. Matmuls run in x's dtype (a
+float32 adapter on a bf16 base computes in bf16, as autocast would); A and B gradients come back in
+the adapters' dtype (on CUDA straight from the matmul, accumulated in float32). The caller may pass
+the adapters already cast to x's dtype (`LoraLinear` keeps them between optimizer steps): at these
+sizes kernel launches, not FLOPs, are the cost. `tests/test_ops.py` compares all of this with a
 float64 recomputation of the reference math (`reference.lora_delta` plus the base layer).
 """
 
