@@ -96,36 +96,42 @@ def prepare(model, variant: str):
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
-def measure(variant: str, args) -> dict:
-    """Time training steps of one variant in this process."""
-    device = args.device
-    model = build_model(device)
+def train_step(model, opt, ids: torch.Tensor, device: str) -> float:
+    """One training step (bf16 autocast on CUDA); returns its wall time in seconds."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    if opt is not None:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def setup(variant: str, args):
+    """(model ready to train, its AdamW or None, trainable parameter count, the 4 batches)."""
+    model = build_model(args.device)
     model.train()
     model, params = prepare(model, variant)
-    n_trainable = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=1e-4) if params else None
     g = torch.Generator().manual_seed(0)
-    vocab = model.config.vocab_size
-    batches = [torch.randint(0, vocab, (args.batch, args.seq), generator=g).to(device) for _ in range(4)]
-    times = []
-    if device == "cuda":
+    batches = [torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g).to(args.device)
+               for _ in range(4)]
+    return model, opt, sum(p.numel() for p in params), batches
+
+
+def measure(variant: str, args) -> dict:
+    """Time training steps of one variant in this process."""
+    model, opt, n_trainable, batches = setup(variant, args)
+    if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    for step in range(args.warmup + args.steps):
-        ids = batches[step % len(batches)]
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        if opt is not None:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - start)
-    if device == "cuda":
+    times = [train_step(model, opt, batches[step % len(batches)], args.device)
+             for step in range(args.warmup + args.steps)][args.warmup:]
+    if args.device == "cuda":
         peak = torch.cuda.max_memory_allocated()
     else:  # ru_maxrss is KiB on Linux
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -138,32 +144,13 @@ def interleave(pair: str, args) -> dict:
     """Step-time ratio of two variants measured in one process, alternating steps on the same
     batches: on a small, noisy machine this is steadier than two separate runs (no memory figure)."""
     names = pair.split(",")
-    setups = []
-    for name in names:
-        model = build_model(args.device)
-        model.train()
-        model, params = prepare(model, name)
-        setups.append((name, model, torch.optim.AdamW(params, lr=1e-4) if params else None))
-    vocab = setups[0][1].config.vocab_size
-    g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, vocab, (args.batch, args.seq), generator=g).to(args.device) for _ in range(4)]
+    setups = [(name, *setup(name, args)) for name in names]
     times = {name: [] for name in names}
     for step in range(args.warmup + args.steps):
-        for name, model, opt in (setups if step % 2 == 0 else setups[::-1]):  # alternate who goes first
-            ids = batches[step % len(batches)]
-            if args.device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.device == "cuda"):
-                loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            if opt is not None:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            if args.device == "cuda":
-                torch.cuda.synchronize()
+        for name, model, opt, _, batches in (setups if step % 2 == 0 else setups[::-1]):  # alternate who goes first
+            seconds = train_step(model, opt, batches[step % len(batches)], args.device)
             if step >= args.warmup:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(seconds)
     a, b = names
     ratios = sorted(x / y for x, y in zip(times[a], times[b]))
     q = len(ratios) // 4
@@ -178,31 +165,14 @@ def profile(variant: str, args) -> str:
     """torch.profiler table (top operators by device time) of a few steps of one variant."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    device = args.device
-    model = build_model(device)
-    model.train()
-    model, params = prepare(model, variant)
-    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
-    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq),
-                        generator=torch.Generator().manual_seed(0)).to(device)
-
-    def step():
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        if opt is not None:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
+    model, opt, _, batches = setup(variant, args)
     for _ in range(3):
-        step()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        train_step(model, opt, batches[0], args.device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
     with torch_profile(activities=activities) as prof:
         for _ in range(3):
-            step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-    key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+            train_step(model, opt, batches[0], args.device)
+    key = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60)
 
 
