@@ -223,7 +223,8 @@ def main() -> None:
     p.add_argument("--batch", type=int)
     p.add_argument("--seq", type=int)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, help="untimed steps first (default 5 on CUDA, where lorakit's "
+                   "first timed steps ran slow in one run, 2 on CPU)")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one variant, print JSON
     p.add_argument("--check-equivalence", action="store_true")
@@ -232,6 +233,7 @@ def main() -> None:
                    "each pair in one process with alternating steps; writes train_interleaved_<device>.json")
     args = p.parse_args()
     args.batch = args.batch or (8 if args.device == "cuda" else 4)
+    args.warmup = args.warmup if args.warmup is not None else (5 if args.device == "cuda" else 2)
     args.seq = args.seq or (1024 if args.device == "cuda" else 128)
 
     if args.one:
