@@ -81,17 +81,16 @@ class LoraLinear(LoraLayer):
         if torch.is_autocast_enabled(x.device.type):  # compute in the autocast dtype, as F.linear would
             x_run = x.to(torch.get_autocast_dtype(x.device.type))
         *layer, p = fused
-        if group is None or p > 0:
-            return fused_lora_linears(x_run, [layer], p, training=p > 0, casts=self._cast_adapters(
-                [self], [layer], x_run.dtype))[0]
+        grouped = group is not None and p == 0  # a dropout mask is per layer: no sharing then
         followers = [(f, args_) for f in group.followers_of(self)
-                     if (args_ := f.fused_args(x)) is not None and args_[-1] == 0]
+                     if (args_ := f.fused_args(x)) is not None and args_[-1] == 0] if grouped else []
         layers = [layer] + [a[:-1] for _, a in followers]
         casts = self._cast_adapters([self] + [f for f, _ in followers], layers, x_run.dtype)
-        outs = fused_lora_linears(x_run, layers, casts=casts)
-        if followers:
-            group.stash(x, {f: (a, o) for (f, a), o in zip(followers, outs[1:])})
-        group.observe(self, x)
+        outs = fused_lora_linears(x_run, layers, p, training=p > 0, casts=casts)
+        if grouped:
+            if followers:
+                group.stash(x, {f: (a, o) for (f, a), o in zip(followers, outs[1:])})
+            group.observe(self, x)
         return outs[0]
 
     def _cast_adapter(self, A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype) -> tuple:
@@ -148,8 +147,7 @@ class SharedInput:
     guess: a kept output is handed out only for the exact input, weights and adapters it came from.
     """
 
-    def __init__(self, members: list[LoraLinear]) -> None:
-        self.members = members
+    def __init__(self) -> None:
         self.followers: dict[LoraLinear, tuple[LoraLinear, ...]] = {}  # in effect
         self._next: dict[LoraLinear, tuple[LoraLinear, ...]] | None = None  # learned, not yet in effect
         self._stash: dict[LoraLinear, tuple] = {}
@@ -227,7 +225,7 @@ def link_siblings(model: nn.Module) -> list[SharedInput]:
             if isinstance(child, LoraLinear) and not child.fan_in_fan_out:
                 by_width.setdefault(child.in_features, []).append(child)
         for members in by_width.values():
-            group = SharedInput(members) if len(members) > 1 else None
+            group = SharedInput() if len(members) > 1 else None
             groups += [group] if group else []
             for layer in members:
                 layer.shared_input = group
