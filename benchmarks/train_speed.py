@@ -10,8 +10,12 @@ same model, seed and batches, and prints a table of medians and ratios:
   default (the fused op of ``ops/fused.py`` on CUDA, the plain torch reference ops on CPU).
 - Ablations of lorakit: ``reference-*`` (the torch reference ops forced), ``fused-*`` (the fused op
   forced, also on CPU), ``ungrouped-*`` (the fused op, one call per layer: no shared q|k|v and
-  gate|up projections), ``rebuild-*`` (the fused op with ``REBUILD_INPUTS``: RMSNorm's and
-  SwiGLU's outputs are rebuilt in backward rather than kept, ``ops/rebuild.py``).
+  gate|up projections), ``keep-*`` (``REBUILD_INPUTS = False``: every adapted layer's input is
+  kept, SwiGLU's product too), ``rebuild-*`` (``REBUILD_INPUTS = True``: RMSNorm's outputs are
+  rebuilt in backward as well, ``ops/rebuild.py``).
+
+The optimizer is AdamW for every variant that has one; on CUDA its fused implementation
+(``fused=True``, one kernel for all parameters), for PEFT and full fine-tuning alike.
 
 CPU (this repo's default): SmolLM2-135M, float32, batch 4 × 128; peak memory is the process's
 peak RSS. GPU: a Llama of TinyLlama-1.1B's shape with random weights, bf16, sdpa attention,
@@ -42,7 +46,7 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = ["floor", "full", "peft-qv-r8", "lorakit-qv-r8", "fused-qv-r8", "peft-all-r16", "lorakit-all-r16",
             "fused-all-r16"]
-LIBRARIES = ("lorakit", "reference", "fused", "ungrouped", "rebuild")
+LIBRARIES = ("lorakit", "reference", "fused", "ungrouped", "keep", "rebuild")
 LORA = {  # variant suffix -> (rank, alpha, targets)
     "qv-r8": (8, 16, ["q_proj", "v_proj"]),
     "all-r16": (16, 32, "all-linear"),
@@ -84,10 +88,10 @@ def prepare(model, variant: str):
         import lorakit
 
         lorakit.inject(model, lorakit.LoraConfig(r=r, alpha=alpha, target_modules=targets))
-        if library == "rebuild":
+        if library in ("keep", "rebuild"):
             import lorakit.ops.fused
 
-            lorakit.ops.fused.REBUILD_INPUTS = True
+            lorakit.ops.fused.REBUILD_INPUTS = library == "rebuild"
         for module in model.modules():
             if isinstance(module, lorakit.LoraLayer) and library != "lorakit":
                 module.use_fused_op = library != "reference"
@@ -117,7 +121,7 @@ def setup(variant: str, args):
     model = build_model(args.device)
     model.train()
     model, params = prepare(model, variant)
-    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=args.device == "cuda") if params else None
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g).to(args.device)
                for _ in range(4)]

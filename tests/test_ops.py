@@ -226,6 +226,85 @@ def test_kept_adapter_casts_follow_replaced_storage():
     torch.testing.assert_close(got, model(input_ids=ids).logits)
 
 
+def bf16_llama_with_optimizer(fused):
+    import lorakit
+    from conftest import randomize_adapters, tiny_llama
+
+    model = lorakit.inject(tiny_llama().to(torch.bfloat16), lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    randomize_adapters(model)
+    for m in model.modules():
+        if isinstance(m, lorakit.LoraLayer):
+            m.use_fused_op = fused
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert all(p.dtype == torch.float32 for p in params)
+    return model.train(), torch.optim.AdamW(params, lr=1e-2)
+
+
+def test_adapter_casts_are_made_for_every_layer_at_once():
+    from lorakit.inject import lora_state
+    from lorakit.layers.linear import LoraLinear
+
+    model, opt = bf16_llama_with_optimizer(True)
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    for _ in range(3):  # the first forward learns the groups; then optimizer steps change every adapter
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model(input_ids=ids, labels=ids).loss.backward()
+    buffer = lora_state(model).casts._buffer
+    assert buffer is not None and buffer.dtype == torch.bfloat16
+    linears = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    leaders = 0
+    for layer in linears:
+        A, B, _, dtype, A_cast, B_cast = layer._casts
+        # the casts this forward multiplied with are views of the one buffer, and exact
+        assert A_cast.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+        assert B_cast.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+        assert torch.equal(A_cast, A.detach().to(dtype)) and torch.equal(B_cast, B.detach().to(dtype))
+        if layer._cat is not None:  # a group's stacked A: a view too, no concatenation per call
+            As, A_cat = layer._cat
+            leaders += 1
+            assert A_cat.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+            assert torch.equal(A_cat, torch.cat(As))
+    assert leaders == 2 * model.config.num_hidden_layers  # q|k|v and gate|up in each layer
+
+
+def test_adapter_casts_give_the_reference_losses_over_optimizer_steps():
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for fused in (False, True):
+        model, opt = bf16_llama_with_optimizer(fused)
+        losses.append([])
+        for _ in range(4):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses[-1].append(loss.item())
+        # a layer called on its own, outside the model's forward, after a step: casts for itself
+        layer = model.model.layers[0].self_attn.q_proj
+        x = torch.randn(3, 32, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+        A, B = layer.lora_A["default"], layer.lora_B["default"]
+        x64, W64, A64, B64 = (t.detach().double() for t in (x, layer.base_layer.weight, A, B))
+        want = x64 @ W64.t() + layer.scaling["default"] * (x64 @ A64.t()) @ B64.t()
+        assert rel(layer(x), want) < 1e-2
+    ref, got = losses
+    torch.testing.assert_close(got, ref, rtol=2e-2, atol=0)  # bf16 rounding of other op orders
+    assert ref[-1] < ref[0] - 0.1  # it trained
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_graph_kept_across_an_optimizer_step_fails_in_backward(fused):
+    model, opt = bf16_llama_with_optimizer(fused)
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    stale = model(input_ids=ids, labels=ids).loss
+    opt.step()
+    model(input_ids=ids, labels=ids)  # refreshes the casts in place
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        stale.backward()
+
+
 def test_auto_mode_uses_the_reference_path_on_cpu(monkeypatch):
     calls = count_fused_calls(monkeypatch)
     model = injected_llama(None)

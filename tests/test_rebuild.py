@@ -60,39 +60,50 @@ def fused_activation_bytes(loss: torch.Tensor) -> int:
     return sum(storages.values())
 
 
-def test_a_llama_keeps_only_o_projs_input_and_grads_do_not_change(monkeypatch):
+@pytest.mark.parametrize("mode", ["products", True])
+def test_a_llama_keeps_fewer_inputs_and_grads_do_not_change(monkeypatch, mode):
     import lorakit.ops.fused as fused
 
     ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
     calls = count_fused_calls(monkeypatch)
-    recipes = []
+    recipes, from_factors = [], []
     original = fused.rebuild_input.plan
-    monkeypatch.setattr(fused.rebuild_input, "plan", lambda x: recipes.append(original(x)) or recipes[-1])
+    monkeypatch.setattr(fused.rebuild_input, "plan", lambda x, **kw: recipes.append(original(x, **kw)) or recipes[-1])
+    product_grad = fused.product_grad
+    monkeypatch.setattr(fused, "product_grad", lambda *a: from_factors.append(a) or product_grad(*a))
     results, saved = [], []
-    for rebuild_inputs in (False, True):
+    for rebuild_inputs in (False, mode):
         monkeypatch.setattr(fused, "REBUILD_INPUTS", rebuild_inputs)
         model = injected_llama(True).train()
         loss_and_grads(model, ids)  # learns the q|k|v and gate|up groups
         recipes.clear()
         calls.clear()
+        from_factors.clear()
         loss = model(input_ids=ids, labels=ids).loss
         saved.append(fused_activation_bytes(loss))
         loss.backward()
+        factor_calls = list(from_factors)
         model.zero_grad(set_to_none=True)
         results.append(loss_and_grads(model, ids))
-    # Per decoder layer: q|k|v and gate|up rebuild RMSNorm's output, down rebuilds SwiGLU's; o_proj
-    # reads the attention output, a reshaped copy, and keeps it.
     assert calls[:8] == [3, 1, 2, 1] * 2  # the first forward of the rebuilding model: q|k|v, o, gate|up, down
-    # Layer 0's attention input comes from the frozen embedding: it needs no gradient, has no graph
-    # to rebuild it from, and is kept.
-    assert [r is not None for r in recipes[:8]] == [False, False, True, True] + [True, False, True, True]
     hidden, inter, tokens = 32, 64, 2 * 9
-    # float32: the MLP input and the SwiGLU product of both layers and layer 1's attention input
-    assert saved[0] - saved[1] >= tokens * (3 * hidden + 2 * inter) * 4
+    if mode == "products":
+        # Only down_proj's input, SwiGLU's product, is rebuilt — and never formed: dA comes from
+        # its two factors, once per layer.
+        assert [r is not None for r in recipes[:8]] == [False, False, False, True] * 2
+        assert [a.shape for _, a, _ in factor_calls] == [(2, 9, inter)] * 2
+        assert saved[0] - saved[1] == 2 * tokens * inter * 4
+    else:
+        # q|k|v and gate|up rebuild RMSNorm's output, down rebuilds SwiGLU's; o_proj reads the
+        # attention output, a reshaped copy, and keeps it. Layer 0's attention input comes from the
+        # frozen embedding: it needs no gradient, has no graph to rebuild it from, and is kept.
+        assert [r is not None for r in recipes[:8]] == [False, False, True, True] + [True, False, True, True]
+        # float32: the MLP input and the SwiGLU product of both layers and layer 1's attention input
+        assert saved[0] - saved[1] >= tokens * (3 * hidden + 2 * inter) * 4
     (loss_a, grads_a), (loss_b, grads_b) = results
     assert torch.equal(loss_a, loss_b)
     for name in grads_a:
-        assert torch.equal(grads_a[name], grads_b[name]), name
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -101,7 +112,7 @@ def test_cuda_bf16_autocast_rebuild_gives_the_same_loss_and_grads(monkeypatch):
 
     ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0)).cuda()
     results = []
-    for rebuild_inputs in (False, True):
+    for rebuild_inputs in (False, "products", True):
         monkeypatch.setattr(fused, "REBUILD_INPUTS", rebuild_inputs)
         model = injected_llama(None).cuda().train()
         for _ in range(2):  # the second step runs the groups
@@ -110,7 +121,8 @@ def test_cuda_bf16_autocast_rebuild_gives_the_same_loss_and_grads(monkeypatch):
                 loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
         results.append((loss.detach(), [p.grad for p in model.parameters() if p.requires_grad]))
-    (loss_a, grads_a), (loss_b, grads_b) = results
-    torch.testing.assert_close(loss_b, loss_a, rtol=0, atol=0)
-    for a, b in zip(grads_a, grads_b):
-        torch.testing.assert_close(b, a, rtol=1e-6, atol=0)
+    (loss_a, grads_a), *rebuilt = results
+    for loss_b, grads_b in rebuilt:  # the Triton kernel sums in another order than cuBLAS: not bit for bit
+        torch.testing.assert_close(loss_b, loss_a, rtol=0, atol=0)
+        for a, b in zip(grads_a, grads_b):
+            torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-6)

@@ -11,7 +11,7 @@ from torch import nn
 
 from .config import ALL_LINEAR, ConfigError, LoraConfig, layer_index, name_matches
 from .layers import LoraFusedLinear, LoraLayer, TrainableCopy, is_dense, lora_class_for
-from .layers.linear import link_siblings
+from .layers.linear import AdapterCasts, LoraLinear, link_siblings
 
 
 @dataclass
@@ -23,20 +23,25 @@ class LoraState:
     active: list[str] = field(default_factory=list)
     requires_grad: dict[str, bool] = field(default_factory=dict)
     shared_inputs: list = field(default_factory=list)  # SharedInput groups of sibling LoraLinears
+    linears: list = field(default_factory=list)  # every LoraLinear, for the casts below
+    casts: AdapterCasts = field(default_factory=AdapterCasts)  # their adapters in the compute dtype
 
 
 def _start_of_forward(model: nn.Module, args) -> None:
     """Forward pre-hook on the injected model: sibling groups learned during the previous forward
     take effect now, never in the middle of a forward (a checkpointed block's recomputation must
-    run the very ops its first forward ran)."""
+    run the very ops its first forward ran). Then every fused layer's adapter casts are brought up
+    to date in one go (`AdapterCasts`)."""
     state = model.__dict__.get("lora_state")
     if state is not None:
         for group in state.shared_inputs:
             group.promote()
+        state.casts.refresh(state.linears, state.shared_inputs)
 
 
 def _link_siblings(model: nn.Module, state: LoraState) -> None:
     state.shared_inputs = link_siblings(model)
+    state.linears = [m for m in model.modules() if isinstance(m, LoraLinear)]
     if not any(hook is _start_of_forward for hook in model._forward_pre_hooks.values()):
         model.register_forward_pre_hook(_start_of_forward)
 
@@ -254,6 +259,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     if not state.configs:
         _restore_requires_grad(model, state)
         del model.__dict__["lora_state"]
+    else:
+        _link_siblings(model, state)  # some wrappers may be gone
 
 
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:

@@ -128,6 +128,98 @@ class LoraLinear(LoraLayer):
         return dw.t() if self.fan_in_fan_out else dw
 
 
+class AdapterCasts:
+    """The fused-path adapters of one model, cast to the compute dtype for all layers in one go.
+
+    An optimizer step changes every adapter, and casting them layer by layer on the next forward
+    costs two kernel launches per layer, plus one concatenation per sibling group: hundreds of
+    launches that a launch-bound forward pays for in full. ``refresh`` (run by the model's forward
+    pre-hook) instead concatenates the float adapters and casts them with a couple of kernels into
+    one buffer, laid out so that each group's stacked A is a view of it, and hands every layer its
+    views through the layer's own cache — as if the layer had cast them itself. A layer called
+    outside the model's forward, or in another dtype, finds its cache stale and casts for itself.
+
+    The buffer is written in place and the fused op saves the views it multiplies with, so a graph
+    built before an optimizer step fails in backward as autograd's own version check would, rather
+    than using the new values.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None  # what the layout was made for
+        self._sources: list[torch.Tensor] = []  # flat views of the adapters, in layout order
+        self._entries: list[tuple] = []  # (layer, A, B, A in dtype, B in dtype) per layer
+        self._cats: list[tuple] = []  # (leader, the group's A casts, their stacked view)
+        self._buffer: torch.Tensor | None = None
+        self._versions: tuple | None = None
+
+    def refresh(self, layers: list[LoraLinear], groups: list[SharedInput]) -> None:
+        if torch.compiler.is_compiling():
+            return
+        found = []
+        for layer in layers:
+            modules = layer._modules
+            weight = modules["base_layer"]._parameters.get("weight") if "base_layer" in modules else None
+            args = layer.fused_args(weight) if weight is not None else None
+            if args is not None:
+                found.append((layer, args[2], args[3], _compute_dtype(weight)))
+        if not found or len({dtype for *_, dtype in found}) != 1:
+            self._drop()
+            return
+        dtype = found[0][3]
+        versions = tuple(v for _, A, B, _ in found for v in (A._version, B._version))
+        key = (dtype, tuple((id(layer), id(A), id(B), A.data_ptr(), B.data_ptr()) for layer, A, B, _ in found),
+               tuple(tuple(id(f) for f in chain) for group in groups for chain in group.followers.items()))
+        if key != self._key:
+            self._layout(found, groups, dtype)
+            self._key = key
+        elif versions == self._versions:
+            return
+        with torch.no_grad(), torch.inference_mode(False):
+            self._buffer.copy_(torch.cat(self._sources))  # one cast for every adapter
+        self._versions = versions
+        for layer, A, B, A_cast, B_cast in self._entries:
+            layer._casts = (A, B, (A._version, B._version, A.data_ptr(), B.data_ptr()), dtype, A_cast, B_cast)
+        for leader, As, A_cat in self._cats:
+            leader._cat = (As, A_cat)
+
+    def _layout(self, found: list[tuple], groups: list[SharedInput], dtype: torch.dtype) -> None:
+        """Order the adapters so that each group's A's are adjacent, and make the buffer's views."""
+        adapters = {layer: (A, B) for layer, A, B, _ in found}
+        chains = [(leader, *chain) for group in groups for leader, chain in group.followers.items()]
+        chains = [c for c in chains if all(layer in adapters for layer in c)]
+        in_chain = {layer for chain in chains for layer in chain}
+        order = [layer for chain in chains for layer in chain] + [x for x in adapters if x not in in_chain]
+        # All A's, then all B's: within a chain the A's follow each other, so [A_1; A_2; …] is a view.
+        tensors = [adapters[layer][0] for layer in order] + [adapters[layer][1] for layer in order]
+        with torch.no_grad(), torch.inference_mode(False):
+            self._sources = [t.detach().view(-1) for t in tensors]
+            buffer = torch.empty(sum(t.numel() for t in tensors), dtype=dtype, device=tensors[0].device)
+            casts, offsets, start = [], {}, 0
+            for t in tensors:
+                offsets.setdefault(id(t), start)
+                casts.append(buffer[start:start + t.numel()].view(t.shape))
+                start += t.numel()
+            n = len(order)
+            self._entries = [(layer, *adapters[layer], casts[k], casts[n + k]) for k, layer in enumerate(order)]
+            self._cats = []
+            for chain in chains:
+                As = tuple(casts[order.index(layer)] for layer in chain)
+                first = offsets[id(adapters[chain[0]][0])]
+                rows = sum(a.shape[0] for a in As)
+                self._cats.append((chain[0], As, buffer[first:first + rows * As[0].shape[1]].view(rows, -1)))
+        self._buffer, self._versions = buffer, None
+
+    def _drop(self) -> None:
+        if self._key is not None:
+            self.__init__()
+
+
+def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype the fused op will compute in: autocast's where it is on, else the weight's."""
+    kind = weight.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else weight.dtype
+
+
 def _version(t: torch.Tensor) -> int | None:
     """In-place version counter; inference-mode tensors have none (they are never changed in place
     within a forward in practice, and identity still has to match)."""

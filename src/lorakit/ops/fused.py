@@ -4,9 +4,10 @@ One call serves one layer, or several layers that read the same input (q, k, v; 
 A-projections are one matmul, low = x·[A_1; …; A_n]ᵀ, and their input gradient is one tensor, so
 autograd sums no per-layer copies of dx.
 
-Saved for backward: the (T, Σr) projection and x, which dA needs. With ``REBUILD_INPUTS``, x is not
-saved when it can be rebuilt exactly from tensors autograd keeps anyway (RMSNorm's and SwiGLU's
-outputs, `ops/rebuild.py`). Never a dropped copy of x or a dropout mask: the mask is regenerated in
+Saved for backward: the (T, Σr) projection and x, which dA needs — unless x is rebuilt from
+tensors autograd keeps anyway (``REBUILD_INPUTS``, `ops/rebuild.py`): by default SwiGLU's
+product act(gate)·up, whose dA then comes from the two factors without forming x
+(`triton_ops.product_grad`). Never a dropped copy of x or a dropout mask: the mask is regenerated in
 backward from a seed drawn from torch's CPU generator, so training stays reproducible and
 resumable. Each adapter's output is written first and the base matmul accumulates onto it in place
 (`addmm_`, C read in the GEMM's epilogue): one write of the output, not a read-modify-write pass.
@@ -30,12 +31,14 @@ from typing import Sequence
 import torch
 
 from . import rebuild as rebuild_input
+from .triton_ops import product_grad
 
 PER_LAYER = 4  # tensors per layer in LoraLinearFunction.apply: weight, bias, A, B
-# True: rebuild RMSNorm's and SwiGLU's outputs in backward instead of keeping them (ops/rebuild.py).
-# On an H200 (TinyLlama shape, r=16 on all linear layers) that takes peak memory from 1.22× to
-# 1.01× the frozen floor's, and costs 15% of the step time with plain torch ops; off by default.
-REBUILD_INPUTS = False
+# Which inputs of frozen layers are rebuilt in backward instead of kept (ops/rebuild.py):
+#   "products" (default): SwiGLU's act(gate)·up, whose factors the multiply keeps; dA is then
+#       g_lowᵀ·(a⊙b), straight from the factors (a Triton kernel on CUDA: no product in memory).
+#   True: RMSNorm's outputs as well (four more elementwise passes each, in float32);  False: none.
+REBUILD_INPUTS: bool | str = "products"
 _ADDMM_DTYPE = hasattr(torch.ops.aten.addmm, "dtype")  # mixed-precision output (CUDA, torch >= 2.9)
 
 
@@ -90,13 +93,15 @@ class LoraLinearFunction(torch.autograd.Function):
             y.addmm_(x2d, W.t() if W.dtype == dt else W.to(dt).t())  # base matmul onto the adapter's output
             outs.append(y.view(*x.shape[:-1], y.shape[-1]))
         # dA needs x. When x is an elementwise product whose factors autograd keeps anyway
-        # (RMSNorm's output, SwiGLU's), rebuild it in backward instead of keeping it.
+        # (SwiGLU's; with REBUILD_INPUTS=True RMSNorm's too), it is rebuilt instead of kept.
         recipe = None
         if REBUILD_INPUTS and not any(W.requires_grad for W in weights):
-            recipe = rebuild_input.plan(x)
-        ctx.save_for_backward(*(() if recipe else (x,)), low, *weights)
+            recipe = rebuild_input.plan(x, products_only=REBUILD_INPUTS == "products")
+        # The adapter casts are saved too: they may be views of a buffer that the next optimizer
+        # step's refresh overwrites in place (AdapterCasts), and autograd then says so.
+        ctx.save_for_backward(*(() if recipe else (x,)), low, A_cat, *Bs_, *weights)
         ctx.recipe = recipe
-        ctx.A_cat, ctx.Bs_ = A_cat, Bs_
+        ctx.x_shape, ctx.x_full_shape = x2d.shape, x.shape
         ctx.scalings, ctx.dropout, ctx.seed, ctx.ranks = scalings, dropout, seed, ranks
         ctx.param_dtypes = [(A.dtype, B.dtype) for A, B in zip(As, Bs)]
         ctx.bias_needs_grad = [b is not None and b.requires_grad for b in biases]
@@ -104,15 +109,22 @@ class LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        if ctx.recipe is None:
-            x, low, *weights = ctx.saved_tensors
-        else:
-            low, *weights = ctx.saved_tensors
-            x = rebuild_input.rebuild(ctx.recipe)
-        A_cat, Bs_, ranks = ctx.A_cat, ctx.Bs_, ctx.ranks
         needs = ctx.needs_input_grad
-        x2d = x.reshape(-1, x.shape[-1])
-        dt = x.dtype
+        wants_dA = any(needs[2 + PER_LAYER * i + 2] for i in range(len(ctx.ranks)))
+        wants_dW = any(needs[2 + PER_LAYER * i] for i in range(len(ctx.ranks)))
+        ranks = ctx.ranks
+        saved = ctx.saved_tensors
+        x = saved[0] if ctx.recipe is None else None
+        low, A_cat, *rest = saved[1:] if ctx.recipe is None else saved
+        Bs_, weights = rest[:len(ranks)], rest[len(ranks):]
+        factors = None  # x = a·b, never formed: dA comes from the factors
+        if ctx.recipe is not None:
+            if ctx.dropout == 0 and not wants_dW:
+                factors = rebuild_input.factors(ctx.recipe)
+            if factors is None and (wants_dA or wants_dW):
+                x = rebuild_input.rebuild(ctx.recipe)
+        x2d = x.reshape(-1, x.shape[-1]) if x is not None else None
+        dt = low.dtype
         layer_grads: list = [None] * (PER_LAYER * len(ranks))
         g_low = low.new_empty(low.shape)                         # (T, Σr)
         start = 0
@@ -131,11 +143,16 @@ class LoraLinearFunction(torch.autograd.Function):
                 layer_grads[PER_LAYER * i + 1] = g2d.sum(0)
             if needs[base + 3]:
                 layer_grads[PER_LAYER * i + 3] = _mm_as(g2d.t(), lo, s, ctx.param_dtypes[i][1])
-        mask = _mask(x2d, ctx.dropout, ctx.seed) if ctx.dropout > 0 else None
-        if any(needs[2 + PER_LAYER * i + 2] for i in range(len(ranks))):
-            x_in = x2d * mask if mask is not None else x2d
+        mask = None
+        if ctx.dropout > 0:
+            mask = _mask(x2d if x2d is not None else low.new_empty(ctx.x_shape), ctx.dropout, ctx.seed)
+        if wants_dA:
             a_dtype = ctx.param_dtypes[0][0]
-            dA_cat = _mm_as(g_low.t(), x_in, 1, a_dtype)          # (Σr, d_in)
+            if factors is not None:
+                dA_cat = product_grad(g_low, *factors).to(a_dtype)  # gᵀ·(a⊙b), (Σr, d_in)
+            else:
+                x_in = x2d * mask if mask is not None else x2d
+                dA_cat = _mm_as(g_low.t(), x_in, 1, a_dtype)      # (Σr, d_in)
             for i, dA in enumerate(dA_cat.split(ranks) if len(ranks) > 1 else (dA_cat,)):
                 layer_grads[PER_LAYER * i + 2] = dA if ctx.param_dtypes[i][0] == a_dtype else dA.to(ctx.param_dtypes[i][0])
         grad_x = None
@@ -146,7 +163,7 @@ class LoraLinearFunction(torch.autograd.Function):
             for g, W in zip(grads, weights):
                 if g is not None:
                     grad_x.addmm_(g.reshape(-1, g.shape[-1]).to(dt), W if W.dtype == dt else W.to(dt))
-            grad_x = grad_x.view(x.shape)
+            grad_x = grad_x.view(ctx.x_full_shape)
         return (grad_x, None, *layer_grads)
 
 

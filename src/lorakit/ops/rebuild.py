@@ -28,11 +28,24 @@ def _hooks_active() -> bool:
     return top is None or top(False) is not None
 
 
-def plan(x: torch.Tensor) -> tuple | None:
-    """A recipe that rebuilds x exactly in backward, or None."""
+def plan(x: torch.Tensor, products_only: bool = False) -> tuple | None:
+    """A recipe that rebuilds x exactly in backward, or None. ``products_only``: only when x is the
+    product of two tensors the multiply keeps (SwiGLU's), so that rebuilding is one multiply — or
+    none at all, where the consumer can take the two factors (`factors`)."""
     if x.grad_fn is None or _hooks_active():
         return None
+    if products_only:
+        recipe = _plan(x.grad_fn, 1)
+        return recipe if recipe is not None and factors(recipe) is not None else None
     return _plan(x.grad_fn, MAX_DEPTH)
+
+
+def factors(recipe: tuple) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(a, b) when the recipe is x = a·b of two kept tensors of x's dtype and shape, else None."""
+    if recipe[0] != "mul" or recipe[1][0] != "saved" or recipe[2][0] != "saved":
+        return None
+    a, b = rebuild(recipe[1]), rebuild(recipe[2])
+    return (a, b) if a.dtype == b.dtype and a.shape == b.shape else None
 
 
 def _plan(node, depth: int) -> tuple | None:
