@@ -25,6 +25,7 @@ batch 8 × 1024; peak memory is ``torch.cuda.max_memory_allocated``.
     python benchmarks/train_speed.py --device cuda             # GPU table
     python benchmarks/train_speed.py --check-equivalence       # lorakit vs PEFT: same loss after 20 steps
     .venv/bin/python benchmarks/train_speed.py --interleave lorakit-qv-r8,peft-qv-r8 --steps 20   # one-process ratio
+    python benchmarks/train_speed.py --device cuda --phases floor,lorakit-all-r16   # is a phase host-bound?
 
 Writes ``benchmarks/results/train_speed_<device>.json``.
 """
@@ -165,6 +166,41 @@ def interleave(pair: str, args) -> dict:
     return result
 
 
+def phases(variant: str, args) -> dict:
+    """Per phase (forward, backward, optimizer): how long the host takes to issue its work, and how
+    long until the device has done it. Where the two are close, the phase is bound by the host."""
+    model, opt, _, batches = setup(variant, args)
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    rows = {name: {"host": [], "wall": []} for name in ("forward", "backward", "optimizer")}
+    for step in range(args.warmup + args.steps):
+        ids = batches[step % len(batches)]
+
+        def forward():
+            with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.device == "cuda"):
+                return model(input_ids=ids, labels=ids).loss
+
+        def optimize():
+            if opt is not None:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+        sync()
+        loss = None
+        for name, work in (("forward", forward), ("backward", lambda: loss.backward()), ("optimizer", optimize)):
+            start = time.perf_counter()
+            out = work()
+            issued = time.perf_counter()
+            sync()
+            if step >= args.warmup:
+                rows[name]["host"].append(issued - start)
+                rows[name]["wall"].append(time.perf_counter() - start)
+            loss = out if name == "forward" else loss
+    result = {name: {k: statistics.median(v) for k, v in r.items()} for name, r in rows.items()}
+    for name, r in result.items():
+        print(f"{variant} {name:<9}: host {r['host'] * 1e3:7.1f} ms, until done {r['wall'] * 1e3:7.1f} ms")
+    return {"variant": variant, "phases_s": result}
+
+
 def profile(variant: str, args) -> str:
     """torch.profiler table (top operators by device time) of a few steps of one variant."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
@@ -233,6 +269,8 @@ def main() -> None:
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one variant, print JSON
     p.add_argument("--check-equivalence", action="store_true")
     p.add_argument("--profile", metavar="VARIANT", help="print and save a torch.profiler table of VARIANT")
+    p.add_argument("--phases", metavar="A,B", help="host time vs time until done, per phase, for each "
+                   "variant; writes train_phases_<device>.json")
     p.add_argument("--interleave", metavar="A,B[;C,D…]", help="step-time ratios of pairs of variants, "
                    "each pair in one process with alternating steps; writes train_interleaved_<device>.json")
     args = p.parse_args()
@@ -247,6 +285,13 @@ def main() -> None:
         results = [interleave(pair, args) for pair in args.interleave.split(";")]
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / f"train_interleaved_{args.device}.json").write_text(json.dumps(
+            {"device": args.device, "batch": args.batch, "seq": args.seq, "torch": torch.__version__,
+             "results": results}, indent=2) + "\n")
+        return
+    if args.phases:
+        results = [phases(variant, args) for variant in args.phases.split(",")]
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / f"train_phases_{args.device}.json").write_text(json.dumps(
             {"device": args.device, "batch": args.batch, "seq": args.seq, "torch": torch.__version__,
              "results": results}, indent=2) + "\n")
         return

@@ -99,7 +99,7 @@ class LoraLinear(LoraLayer):
         versions = (A._version, B._version, A.data_ptr(), B.data_ptr())  # .to() swaps storage, not version
         c = self._casts
         if c is None or c[0] is not A or c[1] is not B or c[2] != versions or c[3] != dtype:
-            c = self._casts = (A, B, versions, dtype, A.detach().to(dtype), B.detach().to(dtype))
+            c = self.__dict__["_casts"] = (A, B, versions, dtype, A.detach().to(dtype), B.detach().to(dtype))
         return c[4], c[5]
 
     def _cast_adapters(self, owners: list[LoraLinear], layers: list[tuple], dtype: torch.dtype) -> tuple:
@@ -110,7 +110,7 @@ class LoraLinear(LoraLayer):
             return As[0], (pairs[0][1],)
         c = self._cat
         if c is None or len(c[0]) != len(As) or any(a is not b for a, b in zip(c[0], As)):
-            c = self._cat = (As, torch.cat(As))
+            c = self.__dict__["_cat"] = (As, torch.cat(As))
         return c[1], tuple(b for _, b in pairs)
 
     def delete_adapter(self, name: str) -> None:
@@ -155,20 +155,24 @@ class AdapterCasts:
     def refresh(self, layers: list[LoraLinear], groups: list[SharedInput]) -> None:
         if torch.compiler.is_compiling():
             return
-        found = []
+        found, dtypes, key, versions = [], set(), [], []
         for layer in layers:
-            modules = layer._modules
-            weight = modules["base_layer"]._parameters.get("weight") if "base_layer" in modules else None
+            base = layer._modules.get("base_layer")
+            weight = base._parameters.get("weight") if base is not None else None
             args = layer.fused_args(weight) if weight is not None else None
             if args is not None:
-                found.append((layer, args[2], args[3], _compute_dtype(weight)))
-        if not found or len({dtype for *_, dtype in found}) != 1:
+                A, B = args[2], args[3]
+                found.append((layer, A, B))
+                dtypes.add((weight.device.type, weight.dtype))
+                key += (id(layer), id(A), id(B), A.data_ptr(), B.data_ptr())
+                versions += (A._version, B._version)
+        if len(dtypes) != 1 or len({_compute_dtype(*d) for d in dtypes}) != 1:
             self._drop()
             return
-        dtype = found[0][3]
-        versions = tuple(v for _, A, B, _ in found for v in (A._version, B._version))
-        key = (dtype, tuple((id(layer), id(A), id(B), A.data_ptr(), B.data_ptr()) for layer, A, B, _ in found),
-               tuple(tuple(id(f) for f in chain) for group in groups for chain in group.followers.items()))
+        dtype = _compute_dtype(*dtypes.pop())
+        versions = tuple(versions)
+        key = (dtype, tuple(key), tuple(tuple(id(f) for f in chain) for group in groups
+                                        for chain in group.followers.items()))
         if key != self._key:
             self._layout(found, groups, dtype)
             self._key = key
@@ -177,14 +181,15 @@ class AdapterCasts:
         with torch.no_grad(), torch.inference_mode(False):
             self._buffer.copy_(torch.cat(self._sources))  # one cast for every adapter
         self._versions = versions
-        for layer, A, B, A_cast, B_cast in self._entries:
-            layer._casts = (A, B, (A._version, B._version, A.data_ptr(), B.data_ptr()), dtype, A_cast, B_cast)
+        for layer, A, B, A_cast, B_cast in self._entries:  # __dict__: nn.Module's __setattr__ is slow
+            layer.__dict__["_casts"] = (A, B, (A._version, B._version, A.data_ptr(), B.data_ptr()), dtype,
+                                        A_cast, B_cast)
         for leader, As, A_cat in self._cats:
-            leader._cat = (As, A_cat)
+            leader.__dict__["_cat"] = (As, A_cat)
 
     def _layout(self, found: list[tuple], groups: list[SharedInput], dtype: torch.dtype) -> None:
         """Order the adapters so that each group's A's are adjacent, and make the buffer's views."""
-        adapters = {layer: (A, B) for layer, A, B, _ in found}
+        adapters = {layer: (A, B) for layer, A, B in found}
         chains = [(leader, *chain) for group in groups for leader, chain in group.followers.items()]
         chains = [c for c in chains if all(layer in adapters for layer in c)]
         in_chain = {layer for chain in chains for layer in chain}
@@ -214,10 +219,10 @@ class AdapterCasts:
             self.__init__()
 
 
-def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
-    """The dtype the fused op will compute in: autocast's where it is on, else the weight's."""
-    kind = weight.device.type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else weight.dtype
+def _compute_dtype(kind: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the fused op computes in for a weight on a ``kind`` device: autocast's where it is
+    on, else the weight's."""
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else dtype
 
 
 def _version(t: torch.Tensor) -> int | None:
