@@ -12,7 +12,8 @@ same model, seed and batches, and prints a table of medians and ratios:
   forced, also on CPU), ``ungrouped-*`` (the fused op, one call per layer: no shared q|k|v and
   gate|up projections), ``keep-*`` (``REBUILD_INPUTS = False``: every adapted layer's input is
   kept, SwiGLU's product too), ``rebuild-*`` (``REBUILD_INPUTS = True``: RMSNorm's outputs are
-  rebuilt in backward as well, ``ops/rebuild.py``).
+  rebuilt in backward as well, ``ops/rebuild.py``), ``cublas-*`` (``FUSED_B_GRADS = False``: g·B
+  and gᵀ·low as two cuBLAS matmuls, each reading g, instead of the one-read Triton kernel).
 
 The optimizer is AdamW for every variant that has one; on CUDA its fused implementation
 (``fused=True``, one kernel for all parameters), for PEFT and full fine-tuning alike.
@@ -47,7 +48,7 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = ["floor", "full", "peft-qv-r8", "lorakit-qv-r8", "fused-qv-r8", "peft-all-r16", "lorakit-all-r16",
             "fused-all-r16"]
-LIBRARIES = ("lorakit", "reference", "fused", "ungrouped", "keep", "rebuild")
+LIBRARIES = ("lorakit", "reference", "fused", "ungrouped", "keep", "rebuild", "cublas")
 LORA = {  # variant suffix -> (rank, alpha, targets)
     "qv-r8": (8, 16, ["q_proj", "v_proj"]),
     "all-r16": (16, 32, "all-linear"),
@@ -89,10 +90,12 @@ def prepare(model, variant: str):
         import lorakit
 
         lorakit.inject(model, lorakit.LoraConfig(r=r, alpha=alpha, target_modules=targets))
-        if library in ("keep", "rebuild"):
-            import lorakit.ops.fused
+        import lorakit.ops.fused
 
+        if library in ("keep", "rebuild"):
             lorakit.ops.fused.REBUILD_INPUTS = library == "rebuild"
+        if library == "cublas":
+            lorakit.ops.fused.FUSED_B_GRADS = False
         for module in model.modules():
             if isinstance(module, lorakit.LoraLayer) and library != "lorakit":
                 module.use_fused_op = library != "reference"

@@ -13,7 +13,7 @@ resumable. Each adapter's output is written first and the base matmul accumulate
 (`addmm_`, C read in the GEMM's epilogue): one write of the output, not a read-modify-write pass.
 Backward, per layer and then once for the group:
 
-    g_low_i = s_i·g_i·B_i      (T, r_i)      dB_i = s_i·g_iᵀ·low_i      (d_out_i, r_i)
+    g_low_i = s_i·g_i·B_i      (T, r_i)      dB_i = s_i·g_iᵀ·low_i      (d_out_i, r_i)   one read of g_i
     dA = g_lowᵀ·drop(x)        (Σr, d_in)    dx = drop'(g_low·A) + Σ_i g_i·W_i   (one buffer)
 
 The scalings ride in the matmuls' alpha, so no pass scales anything. Matmuls run in x's dtype (a
@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 
 from . import rebuild as rebuild_input
-from .triton_ops import product_grad
+from .triton_ops import lora_b_grads, lora_b_grads_pays, product_grad
 
 PER_LAYER = 4  # tensors per layer in LoraLinearFunction.apply: weight, bias, A, B
 # Which inputs of frozen layers are rebuilt in backward instead of kept (ops/rebuild.py):
@@ -39,6 +39,9 @@ PER_LAYER = 4  # tensors per layer in LoraLinearFunction.apply: weight, bias, A,
 #       g_lowᵀ·(a⊙b), straight from the factors (a Triton kernel on CUDA: no product in memory).
 #   True: RMSNorm's outputs as well (four more elementwise passes each, in float32);  False: none.
 REBUILD_INPUTS: bool | str = "products"
+# On CUDA, g_low_i = s·g_i·B_i and dB_i = s·g_iᵀ·low_i from one read of g_i (`triton_ops.lora_b_grads`)
+# where that kernel takes less GPU time than two cuBLAS matmuls (`lora_b_grads_pays`: large g, r <= 16).
+FUSED_B_GRADS = True
 _ADDMM_DTYPE = hasattr(torch.ops.aten.addmm, "dtype")  # mixed-precision output (CUDA, torch >= 2.9)
 
 
@@ -135,14 +138,18 @@ class LoraLinearFunction(torch.autograd.Function):
                 g_low_i.zero_()
                 continue
             g2d = g.reshape(-1, g.shape[-1]).to(dt)
-            g_low_i.addmm_(g2d, B_, beta=0, alpha=s)               # gradient of x·A_iᵀ
             base = 2 + PER_LAYER * i
+            if needs[base + 3] and FUSED_B_GRADS and lora_b_grads_pays(g2d, lo):  # one read of g for both
+                _, dB = lora_b_grads(g2d, lo, B_, s, out=g_low_i)
+                layer_grads[PER_LAYER * i + 3] = dB.to(ctx.param_dtypes[i][1])
+            else:
+                g_low_i.addmm_(g2d, B_, beta=0, alpha=s)           # gradient of x·A_iᵀ
+                if needs[base + 3]:
+                    layer_grads[PER_LAYER * i + 3] = _mm_as(g2d.t(), lo, s, ctx.param_dtypes[i][1])
             if needs[base]:
                 layer_grads[PER_LAYER * i] = (g2d.t() @ x2d).to(weights[i].dtype)
             if ctx.bias_needs_grad[i]:
                 layer_grads[PER_LAYER * i + 1] = g2d.sum(0)
-            if needs[base + 3]:
-                layer_grads[PER_LAYER * i + 3] = _mm_as(g2d.t(), lo, s, ctx.param_dtypes[i][1])
         mask = None
         if ctx.dropout > 0:
             mask = _mask(x2d if x2d is not None else low.new_empty(ctx.x_shape), ctx.dropout, ctx.seed)
