@@ -29,8 +29,9 @@ from pathlib import Path
 import torch
 
 from lorakit.ops.fused import _ADDMM_DTYPE, _mm_as
-from lorakit.ops.triton_ops import (B_GRADS_ACC, B_GRADS_MIN_SPLIT_ROWS, B_GRADS_SMEM, HAVE_TRITON, _b_grads_plan,
-                                    _cdiv, _lora_b_grads_triton, _multiprocessors, lora_b_grads, lora_b_grads_pays)
+from lorakit.ops.b_grads import (B_GRADS_ACC, B_GRADS_MIN_SPLIT_ROWS, B_GRADS_SMEM, _b_grads_plan,
+                                 _lora_b_grads_triton, lora_b_grads, lora_b_grads_pays)
+from lorakit.ops.triton_ops import HAVE_TRITON, _cdiv, _multiprocessors
 
 RESULTS = Path(__file__).parent / "results"
 CASES = [  # (T, d_out, r): TinyLlama-1.1B, batch 8 × 1024 tokens

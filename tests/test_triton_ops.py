@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from lorakit.ops.triton_ops import (HAVE_TRITON, _product_grad_triton, lora_b_grads, lora_b_grads_pays,
-                                    lora_b_grads_reference, product_grad, product_grad_reference)
+from lorakit.ops.b_grads import lora_b_grads, lora_b_grads_pays, lora_b_grads_reference
+from lorakit.ops.triton_ops import HAVE_TRITON, _product_grad_triton, product_grad, product_grad_reference
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}  # relative to float64
 

@@ -31,7 +31,8 @@ from typing import Sequence
 import torch
 
 from . import rebuild as rebuild_input
-from .triton_ops import lora_b_grads, lora_b_grads_pays, product_grad
+from .b_grads import lora_b_grads, lora_b_grads_pays
+from .triton_ops import product_grad
 
 PER_LAYER = 4  # tensors per layer in LoraLinearFunction.apply: weight, bias, A, B
 # Which inputs of frozen layers are rebuilt in backward instead of kept (ops/rebuild.py):
@@ -40,7 +41,7 @@ PER_LAYER = 4  # tensors per layer in LoraLinearFunction.apply: weight, bias, A,
 #   True: RMSNorm's outputs as well (four more elementwise passes each, in float32);  False: none.
 REBUILD_INPUTS: bool | str = "products"
 # True: on CUDA, g_low_i = s·g_i·B_i and dB_i = s·g_iᵀ·low_i from one read of g_i
-# (`triton_ops.lora_b_grads`) where that kernel takes less GPU time than two cuBLAS matmuls
+# (`b_grads.lora_b_grads`) where that kernel takes less GPU time than two cuBLAS matmuls
 # (`lora_b_grads_pays`: large g, r <= 16). Off by default: on an H200 it saves ~1.35 ms of GPU time
 # per TinyLlama step but adds ~45 µs of launch time per call, and the step is bound by the host.
 FUSED_B_GRADS = False
