@@ -293,6 +293,44 @@ def test_adapter_casts_give_the_reference_losses_over_optimizer_steps():
     assert ref[-1] < ref[0] - 0.1  # it trained
 
 
+def test_adapter_casts_made_under_inference_mode_serve_training():
+    """An evaluation forward right after an optimizer step refreshes the casts under inference
+    mode; the training step after it must still be able to save them for backward."""
+    model, opt = bf16_llama_with_optimizer(True)
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.inference_mode():
+            model(input_ids=ids)
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_adapter_casts_follow_the_active_adapter_and_deletion():
+    import lorakit
+
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    models = []
+    for fused in (False, True):
+        model = injected_llama(fused)
+        lorakit.inject(model, lorakit.LoraConfig(r=2, alpha=4, target_modules=["q_proj", "down_proj"]), "other")
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name and "other" in name:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+        models.append(model)
+    for step in (lambda m: lorakit.use(m, "other"), lambda m: lorakit.use(m, "default"),
+                 lambda m: lorakit.delete_adapter(m, "other")):
+        outs = []
+        for model in models:
+            step(model)
+            model(input_ids=ids)  # learns groups for the new set of active layers
+            outs.append(model(input_ids=ids).logits)
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_a_graph_kept_across_an_optimizer_step_fails_in_backward(fused):
     model, opt = bf16_llama_with_optimizer(fused)
