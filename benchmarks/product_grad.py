@@ -15,11 +15,11 @@ against float64, and writes ``benchmarks/results/product_grad_cuda.json``.
 from __future__ import annotations
 
 import json
-import statistics
 from pathlib import Path
 
 import torch
 
+from lora_grads import per_call as timed  # events around one call, GPU idle before it (this folder)
 from lorakit.ops.fused import _mm_as
 from lorakit.ops.triton_ops import HAVE_TRITON, product_grad, product_grad_reference
 
@@ -31,20 +31,6 @@ SHAPES = [  # (T, R, K): tokens, summed rank, input width
     (8192, 16, 14336),  # Llama-3-8B's intermediate width
     (2048, 16, 5632),
 ]
-
-
-def timed(fn, reps: int = 50) -> float:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
 
 
 def rel(out: torch.Tensor, ref: torch.Tensor) -> float:

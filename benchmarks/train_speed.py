@@ -260,6 +260,14 @@ def check_equivalence(args) -> dict:
     return {"losses": losses, "max_abs_loss_diff": diff}
 
 
+def write_results(kind: str, results: list[dict], args) -> None:
+    """``results/train_<kind>_<device>.json`` with the run's settings."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"train_{kind}_{args.device}.json").write_text(json.dumps(
+        {"device": args.device, "batch": args.batch, "seq": args.seq, "torch": torch.__version__,
+         "results": results}, indent=2) + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -285,18 +293,10 @@ def main() -> None:
         print("RESULT " + json.dumps(measure(args.one, args)))
         return
     if args.interleave:
-        results = [interleave(pair, args) for pair in args.interleave.split(";")]
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / f"train_interleaved_{args.device}.json").write_text(json.dumps(
-            {"device": args.device, "batch": args.batch, "seq": args.seq, "torch": torch.__version__,
-             "results": results}, indent=2) + "\n")
+        write_results("interleaved", [interleave(pair, args) for pair in args.interleave.split(";")], args)
         return
     if args.phases:
-        results = [phases(variant, args) for variant in args.phases.split(",")]
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / f"train_phases_{args.device}.json").write_text(json.dumps(
-            {"device": args.device, "batch": args.batch, "seq": args.seq, "torch": torch.__version__,
-             "results": results}, indent=2) + "\n")
+        write_results("phases", [phases(variant, args) for variant in args.phases.split(",")], args)
         return
     if args.profile:
         table = profile(args.profile, args)
