@@ -27,6 +27,7 @@ batch 8 × 1024; peak memory is ``torch.cuda.max_memory_allocated``.
     python benchmarks/train_speed.py --check-equivalence       # lorakit vs PEFT: same loss after 20 steps
     .venv/bin/python benchmarks/train_speed.py --interleave lorakit-qv-r8,peft-qv-r8 --steps 20   # one-process ratio
     python benchmarks/train_speed.py --device cuda --phases floor,lorakit-all-r16   # is a phase host-bound?
+    .venv/bin/python benchmarks/train_speed.py --count-ops floor,fused-all-r16,peft-all-r16   # host work
 
 Writes ``benchmarks/results/train_speed_<device>.json``.
 """
@@ -204,6 +205,42 @@ def phases(variant: str, args) -> dict:
     return {"variant": variant, "phases_s": result}
 
 
+def count_ops(variant: str, args) -> dict:
+    """Torch operator calls per phase of one training step (after two warm-up steps, so groups and
+    casts are settled): what the host pays for, independent of how fast this machine is."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = Counter()
+
+        def __torch_dispatch__(self, func, types, args_=(), kwargs=None):
+            self.calls[str(func.overloadpacket)] += 1
+            return func(*args_, **(kwargs or {}))
+
+    model, opt, _, batches = setup(variant, args)
+    for _ in range(2):
+        train_step(model, opt, batches[0], args.device)
+    counts = {name: Count() for name in ("forward", "backward", "optimizer")}
+    with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.device == "cuda"):
+        with counts["forward"]:
+            loss = model(input_ids=batches[0], labels=batches[0]).loss
+    with counts["backward"]:
+        loss.backward()
+    if opt is not None:
+        with counts["optimizer"]:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    result = {name: sum(c.calls.values()) for name, c in counts.items()}
+    print(f"{variant}: torch calls forward {result['forward']}, backward {result['backward']}, "
+          f"optimizer {result['optimizer']}")
+    return {"variant": variant, "calls": result,
+            "top": {name: c.calls.most_common(12) for name, c in counts.items()}}
+
+
 def profile(variant: str, args) -> str:
     """torch.profiler table (top operators by device time) of a few steps of one variant."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
@@ -282,6 +319,8 @@ def main() -> None:
     p.add_argument("--profile", metavar="VARIANT", help="print and save a torch.profiler table of VARIANT")
     p.add_argument("--phases", metavar="A,B", help="host time vs time until done, per phase, for each "
                    "variant; writes train_phases_<device>.json")
+    p.add_argument("--count-ops", metavar="A,B", help="torch operator calls per phase of one step, for "
+                   "each variant (the host's work); writes train_ops_<device>.json")
     p.add_argument("--interleave", metavar="A,B[;C,D…]", help="step-time ratios of pairs of variants, "
                    "each pair in one process with alternating steps; writes train_interleaved_<device>.json")
     args = p.parse_args()
@@ -294,6 +333,9 @@ def main() -> None:
         return
     if args.interleave:
         write_results("interleaved", [interleave(pair, args) for pair in args.interleave.split(";")], args)
+        return
+    if args.count_ops:
+        write_results("ops", [count_ops(variant, args) for variant in args.count_ops.split(",")], args)
         return
     if args.phases:
         write_results("phases", [phases(variant, args) for variant in args.phases.split(",")], args)
