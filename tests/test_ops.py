@@ -256,13 +256,15 @@ def test_adapter_casts_are_made_for_every_layer_at_once():
     linears = [m for m in model.modules() if isinstance(m, LoraLinear)]
     leaders = 0
     for layer in linears:
-        A, B, _, dtype, A_cast, B_cast = layer._casts
+        A, B, _, dtype, A_cast, A_cast_t, B_cast, B_cast_t = layer._casts
+        assert torch.equal(A_cast_t, A_cast.t()) and torch.equal(B_cast_t, B_cast.t())
         # the casts this forward multiplied with are views of the one buffer, and exact
         assert A_cast.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
         assert B_cast.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
         assert torch.equal(A_cast, A.detach().to(dtype)) and torch.equal(B_cast, B.detach().to(dtype))
         if layer._cat is not None:  # a group's stacked A: a view too, no concatenation per call
-            As, A_cat = layer._cat
+            As, A_cat, A_cat_t = layer._cat
+            assert torch.equal(A_cat_t, A_cat.t())
             leaders += 1
             assert A_cat.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
             assert torch.equal(A_cat, torch.cat(As))

@@ -41,8 +41,9 @@ class LoraLinear(LoraLayer):
         self.in_features, self.out_features = dense_features(base_layer)
         self.use_fused_op: bool | None = None
         self.shared_input: SharedInput | None = None  # set by link_siblings()
-        self._casts: tuple | None = None  # (A, B, versions, dtype, A in dtype, B in dtype)
-        self._cat: tuple | None = None  # (the A casts it was made from, their concatenation)
+        self._casts: tuple | None = None  # (A, B, versions, dtype, then A, Aᵀ, B, Bᵀ in dtype)
+        self._cat: tuple | None = None  # (the A casts it was made from, their concatenation, its transpose)
+        self._weight_t: tuple | None = None  # (weight, its data pointer, its transposed view)
 
     def fused_args(self, x: torch.Tensor) -> tuple | None:
         """(weight, bias, A, B, scaling, dropout p) when this call can take the fused op, else None.
@@ -74,19 +75,22 @@ class LoraLinear(LoraLayer):
             return super().forward(x, *args, **kwargs)
         group = self.shared_input
         if group is not None and fused[-1] == 0:
-            out = group.take(self, x)
+            out = group.take(self, x, fused)
             if out is not None:
                 return out
         x_run = x
-        if torch.is_autocast_enabled(x.device.type):  # compute in the autocast dtype, as F.linear would
-            x_run = x.to(torch.get_autocast_dtype(x.device.type))
+        kind = "cuda" if x.is_cuda else x.device.type
+        if torch.is_autocast_enabled(kind):  # compute in the autocast dtype, as F.linear would
+            x_run = x.to(torch.get_autocast_dtype(kind))
         *layer, p = fused
         grouped = group is not None and p == 0  # a dropout mask is per layer: no sharing then
         followers = [(f, args_) for f in group.followers_of(self)
                      if (args_ := f.fused_args(x)) is not None and args_[-1] == 0] if grouped else []
         layers = [layer] + [a[:-1] for _, a in followers]
-        casts = self._cast_adapters([self] + [f for f, _ in followers], layers, x_run.dtype)
-        outs = fused_lora_linears(x_run, layers, p, training=p > 0, casts=casts)
+        owners = [self] + [f for f, _ in followers]
+        casts = self._cast_adapters(owners, layers, x_run.dtype)
+        transposed = tuple(owner._transposed_weight(W, x_run.dtype) for owner, (W, *_) in zip(owners, layers))
+        outs = fused_lora_linears(x_run, layers, p, training=p > 0, casts=casts, transposed=transposed)
         if grouped:
             if followers:
                 group.stash(x, {f: (a, o) for (f, a), o in zip(followers, outs[1:])})
@@ -94,24 +98,39 @@ class LoraLinear(LoraLayer):
         return outs[0]
 
     def _cast_adapter(self, A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype) -> tuple:
-        """A and B in ``dtype``, detached, made again only after an optimizer step (or any other
+        """(A, Aᵀ, B, Bᵀ) in ``dtype``, detached, made again only after an optimizer step (or any other
         in-place change) touches them: two fewer kernel launches per layer and call."""
         versions = (A._version, B._version, A.data_ptr(), B.data_ptr())  # .to() swaps storage, not version
         c = self._casts
         if c is None or c[0] is not A or c[1] is not B or c[2] != versions or c[3] != dtype:
-            c = self.__dict__["_casts"] = (A, B, versions, dtype, A.detach().to(dtype), B.detach().to(dtype))
-        return c[4], c[5]
+            A_cast, B_cast = A.detach().to(dtype), B.detach().to(dtype)
+            c = self.__dict__["_casts"] = (A, B, versions, dtype, A_cast, A_cast.t(), B_cast, B_cast.t())
+        return c[4:]
 
     def _cast_adapters(self, owners: list[LoraLinear], layers: list[tuple], dtype: torch.dtype) -> tuple:
-        """(A_cat, Bs) for the fused op: the layers' adapters in ``dtype``, A's stacked."""
-        pairs = [owner._cast_adapter(A, B, dtype) for owner, (_, _, A, B, _) in zip(owners, layers)]
-        As = tuple(a for a, _ in pairs)
-        if len(As) == 1:
-            return As[0], (pairs[0][1],)
+        """(A_cat, A_catᵀ, Bs, Bsᵀ) for the fused op: the layers' adapters in ``dtype``, A's stacked."""
+        casts = [owner._cast_adapter(A, B, dtype) for owner, (_, _, A, B, _) in zip(owners, layers)]
+        if len(casts) == 1:
+            A_cast, A_cast_t, B_cast, B_cast_t = casts[0]
+            return A_cast, A_cast_t, (B_cast,), (B_cast_t,)
+        As = tuple(c[0] for c in casts)
+        Bs, Bts = tuple(c[2] for c in casts), tuple(c[3] for c in casts)
         c = self._cat
         if c is None or len(c[0]) != len(As) or any(a is not b for a, b in zip(c[0], As)):
-            c = self.__dict__["_cat"] = (As, torch.cat(As))
-        return c[1], tuple(b for _, b in pairs)
+            A_cat = torch.cat(As)
+            c = self.__dict__["_cat"] = (As, A_cat, A_cat.t())
+        return c[1], c[2], Bs, Bts
+
+    def _transposed_weight(self, W: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """Wᵀ as a view kept between calls (it follows in-place changes; a new storage makes a new
+        one), or None when W is not in ``dtype`` and the fused op must cast it."""
+        if W.dtype != dtype:
+            return None
+        c = self._weight_t
+        if c is None or c[0] is not W or c[1] != W.data_ptr():
+            with torch.inference_mode(False):  # kept for later calls, which may record autograd
+                c = self.__dict__["_weight_t"] = (W, W.data_ptr(), W.detach().t())
+        return c[2]
 
     def delete_adapter(self, name: str) -> None:
         super().delete_adapter(name)
@@ -147,7 +166,7 @@ class AdapterCasts:
     def __init__(self) -> None:
         self._key: tuple | None = None  # what the layout was made for
         self._sources: list[torch.Tensor] = []  # flat views of the adapters, in layout order
-        self._entries: list[tuple] = []  # (layer, A, B, A in dtype, B in dtype) per layer
+        self._entries: list[tuple] = []  # (layer, A, B, then A, Aᵀ, B, Bᵀ in dtype) per layer
         self._cats: list[tuple] = []  # (leader, the group's A casts, their stacked view)
         self._buffer: torch.Tensor | None = None
         self._versions: tuple | None = None
@@ -181,11 +200,10 @@ class AdapterCasts:
         with torch.no_grad(), torch.inference_mode(False):
             self._buffer.copy_(torch.cat(self._sources))  # one cast for every adapter
         self._versions = versions
-        for layer, A, B, A_cast, B_cast in self._entries:  # __dict__: nn.Module's __setattr__ is slow
-            layer.__dict__["_casts"] = (A, B, (A._version, B._version, A.data_ptr(), B.data_ptr()), dtype,
-                                        A_cast, B_cast)
-        for leader, As, A_cat in self._cats:
-            leader.__dict__["_cat"] = (As, A_cat)
+        for layer, A, B, *views in self._entries:  # __dict__: nn.Module's __setattr__ is slow
+            layer.__dict__["_casts"] = (A, B, (A._version, B._version, A.data_ptr(), B.data_ptr()), dtype, *views)
+        for leader, As, A_cat, A_cat_t in self._cats:
+            leader.__dict__["_cat"] = (As, A_cat, A_cat_t)
 
     def _layout(self, found: list[tuple], groups: list[SharedInput], dtype: torch.dtype) -> None:
         """Order the adapters so that each group's A's are adjacent, and make the buffer's views."""
@@ -205,13 +223,15 @@ class AdapterCasts:
                 casts.append(buffer[start:start + t.numel()].view(t.shape))
                 start += t.numel()
             n = len(order)
-            self._entries = [(layer, *adapters[layer], casts[k], casts[n + k]) for k, layer in enumerate(order)]
+            self._entries = [(layer, *adapters[layer], casts[k], casts[k].t(), casts[n + k], casts[n + k].t())
+                             for k, layer in enumerate(order)]
             self._cats = []
             for chain in chains:
                 As = tuple(casts[order.index(layer)] for layer in chain)
                 first = offsets[id(adapters[chain[0]][0])]
                 rows = sum(a.shape[0] for a in As)
-                self._cats.append((chain[0], As, buffer[first:first + rows * As[0].shape[1]].view(rows, -1)))
+                A_cat = buffer[first:first + rows * As[0].shape[1]].view(rows, -1)
+                self._cats.append((chain[0], As, A_cat, A_cat.t()))
         self._buffer, self._versions = buffer, None
 
     def _drop(self) -> None:
@@ -267,12 +287,13 @@ class SharedInput:
         return (_version(x), torch.is_grad_enabled(), torch.is_autocast_enabled(x.device.type), args[4],
                 *(_version(t) for t in args[:4] if t is not None))
 
-    def take(self, layer: LoraLinear, x: torch.Tensor) -> torch.Tensor | None:
+    def take(self, layer: LoraLinear, x: torch.Tensor, now: tuple | None) -> torch.Tensor | None:
+        """The output kept for ``layer``, if it was computed from this very x and from the tensors
+        ``now`` (the layer's `fused_args` for this call) names, unchanged; else None."""
         entry = self._stash.pop(layer, None)
         if entry is None:
             return None
         ref, args, key, out = entry
-        now = layer.fused_args(x)
         if (ref() is x and now is not None and all(a is b for a, b in zip(now[:4], args[:4]))
                 and key == self._key(x, now)):
             return out

@@ -70,34 +70,39 @@ def _mm_as(a: torch.Tensor, b: torch.Tensor, alpha: float, dtype: torch.dtype) -
 
 
 def cast_adapters(As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor], dtype: torch.dtype):
-    """[A_1; …; A_n] and each B_i in ``dtype``, detached: the operands the fused op multiplies with."""
-    A_cat = torch.cat([A.detach() for A in As]) if len(As) > 1 else As[0].detach()
-    return A_cat.to(dtype), tuple(B.detach().to(dtype) for B in Bs)
+    """The operands the fused op multiplies with, detached, in ``dtype``: (A_cat, A_catᵀ, Bs, Bsᵀ),
+    A_cat = [A_1; …; A_n]. The transposes are views; callers that keep casts keep them too, which
+    saves the forward one call per matmul operand."""
+    A_cat = (torch.cat([A.detach() for A in As]) if len(As) > 1 else As[0].detach()).to(dtype)
+    Bs_ = tuple(B.detach().to(dtype) for B in Bs)
+    return A_cat, A_cat.t(), Bs_, tuple(B.t() for B in Bs_)
 
 
 class LoraLinearFunction(torch.autograd.Function):
     """apply(x, plan, W_1, b_1, A_1, B_1, …, W_n, b_n, A_n, B_n) -> n outputs, where
-    plan = (scalings, dropout, seed, A_cat, Bs) and A_cat, Bs are the adapters in x's dtype."""
+    plan = (scalings, dropout, seed, A_cat, A_catᵀ, Bs, Bsᵀ, Wsᵀ): the adapters in x's dtype as
+    `cast_adapters` gives them, and the weights transposed (None where a weight is not in x's dtype)."""
 
     @staticmethod
     def forward(ctx, x, plan, *params):
-        scalings, dropout, seed, A_cat, Bs_ = plan
+        scalings, dropout, seed, A_cat, A_cat_t, Bs_, Bts, Wts = plan
         ctx.set_materialize_grads(False)  # a layer whose output goes unused costs nothing in backward
         dt = x.dtype
         x2d = x.reshape(-1, x.shape[-1])
         x_in = x2d * _mask(x2d, dropout, seed) if dropout > 0 else x2d
         weights, biases, As, Bs = (params[k::PER_LAYER] for k in range(PER_LAYER))
         ranks = [A.shape[0] for A in As]
-        low = x_in @ A_cat.t()                                   # (T, Σr)
+        low = x_in @ A_cat_t                                     # (T, Σr)
         lows = low.split(ranks, dim=1) if len(ranks) > 1 else (low,)
         outs = []
-        for W, b, B_, lo, s in zip(weights, biases, Bs_, lows, scalings):
+        lead = x.shape[:-1]
+        for W, Wt, b, Bt, lo, s in zip(weights, Wts, biases, Bts, lows, scalings):
             if b is not None:
-                y = torch.addmm(b.to(dt), lo, B_.t(), alpha=s)
+                y = torch.addmm(b.to(dt), lo, Bt, alpha=s)
             else:
-                y = x2d.new_empty(x2d.shape[0], B_.shape[0]).addmm_(lo, B_.t(), beta=0, alpha=s)
-            y.addmm_(x2d, W.t() if W.dtype == dt else W.to(dt).t())  # base matmul onto the adapter's output
-            outs.append(y.view(*x.shape[:-1], y.shape[-1]))
+                y = x2d.new_empty(x2d.shape[0], Bt.shape[1]).addmm_(lo, Bt, beta=0, alpha=s)
+            y.addmm_(x2d, Wt if Wt is not None else W.to(dt).t())  # base matmul onto the adapter's output
+            outs.append(y.view(*lead, y.shape[-1]))
         # dA needs x. When x is an elementwise product whose factors autograd keeps anyway
         # (SwiGLU's; with REBUILD_INPUTS=True RMSNorm's too), it is rebuilt instead of kept.
         recipe = None
@@ -132,10 +137,8 @@ class LoraLinearFunction(torch.autograd.Function):
         dt = low.dtype
         layer_grads: list = [None] * (PER_LAYER * len(ranks))
         g_low = low.new_empty(low.shape)                         # (T, Σr)
-        start = 0
-        for i, (g, B_, s, r) in enumerate(zip(grads, Bs_, ctx.scalings, ranks)):
-            g_low_i, lo = g_low[:, start:start + r], low[:, start:start + r]
-            start += r
+        g_lows, lows = (g_low.split(ranks, 1), low.split(ranks, 1)) if len(ranks) > 1 else ((g_low,), (low,))
+        for i, (g, B_, s, g_low_i, lo) in enumerate(zip(grads, Bs_, ctx.scalings, g_lows, lows)):
             if g is None:  # this layer's output was not used
                 g_low_i.zero_()
                 continue
@@ -184,15 +187,18 @@ def draw_seed(p: float) -> int:
 
 
 def fused_lora_linears(x: torch.Tensor, layers: Sequence[tuple], dropout: float = 0.0,
-                       training: bool = False, casts: tuple | None = None) -> tuple[torch.Tensor, ...]:
+                       training: bool = False, casts: tuple | None = None,
+                       transposed: tuple | None = None) -> tuple[torch.Tensor, ...]:
     """Several linear layers reading the same x, each with one adapter: ``layers`` holds
     ``(weight, bias, A, B, scaling)`` per layer. Returns one output per layer. ``casts``:
-    ``cast_adapters(As, Bs, x.dtype)`` when the caller keeps them."""
+    ``cast_adapters(As, Bs, x.dtype)`` when the caller keeps them; ``transposed``: each weight's
+    transposed view (None where the weight is not in x's dtype), likewise."""
     p = dropout if training else 0.0
     params = [t for W, b, A, B, _ in layers for t in (W, b, A, B)]
     if casts is None:
         casts = cast_adapters([layer[2] for layer in layers], [layer[3] for layer in layers], x.dtype)
-    plan = (tuple(layer[4] for layer in layers), p, draw_seed(p), *casts)
+    weights_t = tuple(W.t() if W.dtype == x.dtype else None for W, *_ in layers) if transposed is None else transposed
+    plan = (tuple(layer[4] for layer in layers), p, draw_seed(p), *casts, weights_t)
     return LoraLinearFunction.apply(x, plan, *params)
 
 
