@@ -138,6 +138,7 @@ class LoraLinearFunction(torch.autograd.Function):
         layer_grads: list = [None] * (PER_LAYER * len(ranks))
         g_low = low.new_empty(low.shape)                         # (T, Σr)
         g_lows, lows = (g_low.split(ranks, 1), low.split(ranks, 1)) if len(ranks) > 1 else ((g_low,), (low,))
+        g2ds = []  # each used layer's (T, d_out) gradient in x's dtype, with its weight, for dx below
         for i, (g, B_, s, g_low_i, lo) in enumerate(zip(grads, Bs_, ctx.scalings, g_lows, lows)):
             if g is None:  # this layer's output was not used
                 g_low_i.zero_()
@@ -145,6 +146,7 @@ class LoraLinearFunction(torch.autograd.Function):
             g2d = g.reshape(-1, g.shape[-1])
             if g2d.dtype != dt:
                 g2d = g2d.to(dt)
+            g2ds.append((g2d, weights[i]))
             base = 2 + PER_LAYER * i
             if needs[base + 3] and FUSED_B_GRADS and lora_b_grads_pays(g2d, lo):  # one read of g for both
                 _, dB = lora_b_grads(g2d, lo, B_, s, out=g_low_i)
@@ -174,9 +176,8 @@ class LoraLinearFunction(torch.autograd.Function):
             grad_x = g_low @ A_cat                               # (T, d_in), the adapters' part
             if mask is not None:
                 grad_x.mul_(mask)
-            for g, W in zip(grads, weights):
-                if g is not None:
-                    grad_x.addmm_(g.reshape(-1, g.shape[-1]).to(dt), W if W.dtype == dt else W.to(dt))
+            for g2d, W in g2ds:
+                grad_x.addmm_(g2d, W if W.dtype == dt else W.to(dt))
             grad_x = grad_x.view(ctx.x_full_shape)
         return (grad_x, None, *layer_grads)
 
