@@ -13,7 +13,12 @@ same model, seed and batches, and prints a table of medians and ratios:
   gate|up projections), ``keep-*`` (``REBUILD_INPUTS = False``: every adapted layer's input is
   kept, SwiGLU's product too), ``rebuild-*`` (``REBUILD_INPUTS = True``: RMSNorm's outputs are
   rebuilt in backward as well, ``ops/rebuild.py``), ``cublas-*`` (``FUSED_B_GRADS = False``: g·B
-  and gᵀ·low as two cuBLAS matmuls, each reading g, instead of the one-read Triton kernel).
+  and gᵀ·low as two cuBLAS matmuls, each reading g, even in a captured step, where lorakit uses
+  the one-read Triton kernel).
+
+``--cuda-graphs`` captures each variant's whole step (forward, backward, optimizer) in one CUDA
+graph after the warm-up steps and times its replays: every variant then runs at the GPU's speed,
+with no host launch cost, which is how a launch-bound model is trained fast in practice.
 
 The optimizer is AdamW for every variant that has one; on CUDA its fused implementation
 (``fused=True``, one kernel for all parameters), for PEFT and full fine-tuning alike.
@@ -24,6 +29,7 @@ batch 8 × 1024; peak memory is ``torch.cuda.max_memory_allocated``.
 
     .venv/bin/python benchmarks/train_speed.py                 # CPU table
     python benchmarks/train_speed.py --device cuda             # GPU table
+    python benchmarks/train_speed.py --device cuda --cuda-graphs   # GPU table, each step one graph
     python benchmarks/train_speed.py --check-equivalence       # lorakit vs PEFT: same loss after 20 steps
     .venv/bin/python benchmarks/train_speed.py --interleave lorakit-qv-r8,peft-qv-r8 --steps 20   # one-process ratio
     python benchmarks/train_speed.py --device cuda --phases floor,lorakit-all-r16   # is a phase host-bound?
@@ -35,6 +41,7 @@ Writes ``benchmarks/results/train_speed_<device>.json``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import resource
@@ -105,20 +112,65 @@ def prepare(model, variant: str):
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
-def train_step(model, opt, ids: torch.Tensor, device: str) -> float:
-    """One training step (bf16 autocast on CUDA); returns its wall time in seconds."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
+def step_work(model, opt, ids: torch.Tensor, device: str) -> torch.Tensor:
+    """Forward (bf16 autocast on CUDA), backward and optimizer step; returns the loss, unsynchronized."""
     with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     if opt is not None:
         opt.step()
+    return loss.detach()
+
+
+def train_step(model, opt, ids: torch.Tensor, device: str, losses: list | None = None) -> float:
+    """One eager training step; returns its wall time in seconds (and appends the loss to ``losses``)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    loss = step_work(model, opt, ids, device)
+    if opt is not None:
         opt.zero_grad(set_to_none=True)
     if device == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if losses is not None:
+        losses.append(loss.item())
+    return seconds
+
+
+class GraphedStep:
+    """The whole training step (forward, backward, optimizer) captured once in a CUDA graph and
+    replayed: the host issues one launch a step instead of thousands, so the step takes the GPU's
+    time. Every variant is captured the same way; the optimizer must be ``capturable``. Gradients
+    are set to None before capture, so each replay writes them afresh, as eager steps with
+    ``zero_grad(set_to_none=True)`` do. The batch is copied into a fixed input tensor first."""
+
+    def __init__(self, model, opt, example: torch.Tensor, device: str) -> None:
+        self.ids = example.clone()
+        side = torch.cuda.Stream()  # warm-up on a side stream, as torch's capture recipe asks
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step_work(model, opt, self.ids, device)
+                if opt is not None:
+                    opt.zero_grad(set_to_none=True)
+        torch.cuda.current_stream().wait_stream(side)
+        if opt is None:  # the floor: no optimizer, and nothing may hold a gradient across replays
+            model.zero_grad(set_to_none=True)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.loss = step_work(model, opt, self.ids, device)
+
+    def __call__(self, ids: torch.Tensor, losses: list | None = None) -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        self.ids.copy_(ids)
+        self.graph.replay()
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        if losses is not None:
+            losses.append(self.loss.item())
+        return seconds
 
 
 def setup(variant: str, args):
@@ -126,7 +178,8 @@ def setup(variant: str, args):
     model = build_model(args.device)
     model.train()
     model, params = prepare(model, variant)
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=args.device == "cuda") if params else None
+    opt = (torch.optim.AdamW(params, lr=1e-4, fused=args.device == "cuda", capturable=args.cuda_graphs)
+           if params else None)
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g).to(args.device)
                for _ in range(4)]
@@ -138,15 +191,21 @@ def measure(variant: str, args) -> dict:
     model, opt, n_trainable, batches = setup(variant, args)
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = [train_step(model, opt, batches[step % len(batches)], args.device)
-             for step in range(args.warmup + args.steps)][args.warmup:]
+    losses = []
+    step = lambda ids: train_step(model, opt, ids, args.device, losses)  # noqa: E731
+    if args.cuda_graphs:  # eager warm-up steps (groups learned, kernels tuned), then capture
+        for k in range(args.warmup):
+            step(batches[k % len(batches)])
+        step = GraphedStep(model, opt, batches[0], args.device)
+        step = functools.partial(step, losses=losses)
+    times = [step(batches[k % len(batches)]) for k in range(args.warmup + args.steps)][args.warmup:]
     if args.device == "cuda":
         peak = torch.cuda.max_memory_allocated()
     else:  # ru_maxrss is KiB on Linux
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     median = statistics.median(times)
     return {"variant": variant, "median_step_s": median, "tokens_per_s": args.batch * args.seq / median,
-            "peak_bytes": peak, "trainable_params": n_trainable, "step_times_s": times}
+            "peak_bytes": peak, "trainable_params": n_trainable, "step_times_s": times, "losses": losses}
 
 
 def interleave(pair: str, args) -> dict:
@@ -314,6 +373,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, help="untimed steps first (default 5 on CUDA, where lorakit's "
                    "first timed steps ran slow in one run, 2 on CPU)")
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--cuda-graphs", action="store_true", help="capture each variant's whole step in a CUDA "
+                   "graph and time replays (GPU time, no launch cost); writes train_speed_cuda_graphs.json")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one variant, print JSON
     p.add_argument("--check-equivalence", action="store_true")
     p.add_argument("--profile", metavar="VARIANT", help="print and save a torch.profiler table of VARIANT")
@@ -327,6 +388,8 @@ def main() -> None:
     args.batch = args.batch or (8 if args.device == "cuda" else 4)
     args.warmup = args.warmup if args.warmup is not None else (5 if args.device == "cuda" else 2)
     args.seq = args.seq or (1024 if args.device == "cuda" else 128)
+    if args.cuda_graphs and args.device != "cuda":
+        p.error("--cuda-graphs needs --device cuda")
 
     if args.one:
         print("RESULT " + json.dumps(measure(args.one, args)))
@@ -356,6 +419,7 @@ def main() -> None:
     for variant in args.variants.split(","):
         cmd = [sys.executable, __file__, "--one", variant, "--device", args.device, "--batch", str(args.batch),
                "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        cmd += ["--cuda-graphs"] if args.cuda_graphs else []
         out = subprocess.run(cmd, capture_output=True, text=True)
         line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
@@ -368,7 +432,8 @@ def main() -> None:
     floor = by.get("floor")
     unit = "GiB" if args.device == "cuda" else "GB RSS"
     scale = 2**30 if args.device == "cuda" else 1e9
-    print(f"\ntraining step, batch {args.batch} × {args.seq}, {args.device}, median of {args.steps} steps")
+    mode = ", whole step in a CUDA graph" if args.cuda_graphs else ""
+    print(f"\ntraining step, batch {args.batch} × {args.seq}, {args.device}{mode}, median of {args.steps} steps")
     print(f"{'variant':<18} {'tokens/s':>10} {'s/step':>8} {'peak ' + unit:>12} {'trainable':>12} "
           f"{'speed/floor':>11} {'mem/floor':>9}")
     for r in rows:
@@ -389,10 +454,10 @@ def main() -> None:
                 print(f"{key} / PEFT: step time {ratios[key]['step_time_over_peft']:.3f}×, "
                       f"peak memory {ratios[key]['peak_over_peft']:.3f}×")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out_file = RESULTS / f"train_speed_{args.device}.json"
+    out_file = RESULTS / f"train_speed_{args.device}{'_graphs' if args.cuda_graphs else ''}.json"
     out_file.write_text(json.dumps({
         "benchmark": "train_speed", "device": args.device, "batch": args.batch, "seq": args.seq,
-        "steps": args.steps, "torch": torch.__version__, "machine": platform.machine(),
+        "steps": args.steps, "cuda_graphs": args.cuda_graphs, "torch": torch.__version__, "machine": platform.machine(),
         "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
         "rows": rows, "lorakit_vs_peft": ratios,
     }, indent=2) + "\n")

@@ -188,15 +188,16 @@ class AdapterCasts:
         if len(dtypes) != 1:  # one buffer, one dtype
             self._drop()
             return
-        dtype = _compute_dtype(*dtypes.pop())
+        dtypes_kind, weight_dtype = dtypes.pop()
+        dtype = _compute_dtype(dtypes_kind, weight_dtype)
         versions = tuple(versions)
         key = (dtype, tuple(key), tuple(tuple(id(f) for f in chain) for group in groups
                                         for chain in group.followers.items()))
         if key != self._key:
             self._layout(found, groups, dtype)
             self._key = key
-        elif versions == self._versions:
-            return
+        elif versions == self._versions and not _capturing(dtypes_kind):
+            return  # unchanged; but a CUDA graph being captured must record the copy for its replays
         with torch.no_grad(), torch.inference_mode(False):
             self._buffer.copy_(torch.cat(self._sources))  # one cast for every adapter
         self._versions = versions
@@ -243,6 +244,12 @@ def _compute_dtype(kind: str, dtype: torch.dtype) -> torch.dtype:
     """The dtype the fused op computes in for a weight on a ``kind`` device: autocast's where it is
     on, else the weight's."""
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else dtype
+
+
+def _capturing(kind: str) -> bool:
+    """Whether a CUDA graph is being captured on the current stream: the Python of this forward runs
+    once, and what it skips is skipped at every replay."""
+    return kind == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _version(t: torch.Tensor) -> int | None:

@@ -42,14 +42,19 @@ PER_LAYER = 4  # tensors per layer in LoraLinearFunction.apply: weight, bias, A,
 REBUILD_INPUTS: bool | str = "products"
 # True: on CUDA, g_low_i = s·g_i·B_i and dB_i = s·g_iᵀ·low_i from one read of g_i
 # (`b_grads.lora_b_grads`) where that kernel takes less GPU time than two cuBLAS matmuls
-# (`lora_b_grads_pays`: large g, r <= 16). Off by default: on an H200 it saves ~1.35 ms of GPU time
-# per TinyLlama step but adds ~45 µs of launch time per call, and the step is bound by the host.
-FUSED_B_GRADS = False
+# (`lora_b_grads_pays`: large g, r <= 16). None (default): only in a backward being captured in a
+# CUDA graph. On an H200 the kernel saves ~1.35 ms of GPU time per TinyLlama step but adds ~45 µs of
+# launch time per call, and an eager step is bound by the host; replays of a graph launch nothing.
+FUSED_B_GRADS: bool | None = None
 _ADDMM_DTYPE = hasattr(torch.ops.aten.addmm, "dtype")  # mixed-precision output (CUDA, torch >= 2.9)
 
 
 def _mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """The same keep-mask, scaled by 1/(1-p), every time it is asked for with the same seed."""
+    if like.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("LoRA dropout > 0 cannot be captured in a CUDA graph: the seed is drawn on the "
+                           "host, so every replay would reuse one mask. Set lora_dropout=0 for graphed "
+                           "training, or train without CUDA graphs")
     g = torch.Generator(device=like.device)
     g.manual_seed(seed)
     keep = torch.empty(like.shape, device=like.device, dtype=like.dtype).bernoulli_(1.0 - p, generator=g)
@@ -139,6 +144,8 @@ class LoraLinearFunction(torch.autograd.Function):
         g_low = low.new_empty(low.shape)                         # (T, Σr)
         g_lows, lows = (g_low.split(ranks, 1), low.split(ranks, 1)) if len(ranks) > 1 else ((g_low,), (low,))
         g2ds = []  # each used layer's (T, d_out) gradient in x's dtype, with its weight, for dx below
+        fused_b = low.is_cuda and (FUSED_B_GRADS if FUSED_B_GRADS is not None
+                                   else torch.cuda.is_current_stream_capturing())
         for i, (g, B_, s, g_low_i, lo) in enumerate(zip(grads, Bs_, ctx.scalings, g_lows, lows)):
             if g is None:  # this layer's output was not used
                 g_low_i.zero_()
@@ -148,7 +155,7 @@ class LoraLinearFunction(torch.autograd.Function):
                 g2d = g2d.to(dt)
             g2ds.append((g2d, weights[i]))
             base = 2 + PER_LAYER * i
-            if needs[base + 3] and FUSED_B_GRADS and lora_b_grads_pays(g2d, lo):  # one read of g for both
+            if needs[base + 3] and fused_b and lora_b_grads_pays(g2d, lo):  # one read of g for both
                 _, dB = lora_b_grads(g2d, lo, B_, s, out=g_low_i)
                 layer_grads[PER_LAYER * i + 3] = dB.to(ctx.param_dtypes[i][1])
             else:
