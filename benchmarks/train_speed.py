@@ -41,6 +41,7 @@ Writes ``benchmarks/results/train_speed_<device>.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import platform
@@ -186,8 +187,23 @@ def setup(variant: str, args):
     return model, opt, sum(p.numel() for p in params), batches
 
 
+def attention_backend(args):
+    """A context that pins SDPA's backend (``--attention``), or one that leaves torch's choice."""
+    if args.attention == "default":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([{"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                         "efficient": SDPBackend.EFFICIENT_ATTENTION}[args.attention]])
+
+
 def measure(variant: str, args) -> dict:
     """Time training steps of one variant in this process."""
+    with attention_backend(args):
+        return _measure(variant, args)
+
+
+def _measure(variant: str, args) -> dict:
     model, opt, n_trainable, batches = setup(variant, args)
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -373,6 +389,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, help="untimed steps first (default 5 on CUDA, where lorakit's "
                    "first timed steps ran slow in one run, 2 on CPU)")
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--attention", default="default", choices=["default", "cudnn", "flash", "efficient"],
+                   help="pin SDPA's backend for every variant (default: torch's choice, which may differ "
+                   "between eager steps and a graph capture)")
     p.add_argument("--cuda-graphs", action="store_true", help="capture each variant's whole step in a CUDA "
                    "graph and time replays (GPU time, no launch cost); writes train_speed_cuda_graphs.json")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one variant, print JSON
@@ -419,7 +438,7 @@ def main() -> None:
     for variant in args.variants.split(","):
         cmd = [sys.executable, __file__, "--one", variant, "--device", args.device, "--batch", str(args.batch),
                "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup)]
-        cmd += ["--cuda-graphs"] if args.cuda_graphs else []
+        cmd += ["--attention", args.attention] + (["--cuda-graphs"] if args.cuda_graphs else [])
         out = subprocess.run(cmd, capture_output=True, text=True)
         line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
@@ -432,7 +451,8 @@ def main() -> None:
     floor = by.get("floor")
     unit = "GiB" if args.device == "cuda" else "GB RSS"
     scale = 2**30 if args.device == "cuda" else 1e9
-    mode = ", whole step in a CUDA graph" if args.cuda_graphs else ""
+    mode = (", whole step in a CUDA graph" if args.cuda_graphs else "") + (
+        f", {args.attention} attention" if args.attention != "default" else "")
     print(f"\ntraining step, batch {args.batch} × {args.seq}, {args.device}{mode}, median of {args.steps} steps")
     print(f"{'variant':<18} {'tokens/s':>10} {'s/step':>8} {'peak ' + unit:>12} {'trainable':>12} "
           f"{'speed/floor':>11} {'mem/floor':>9}")
@@ -457,7 +477,7 @@ def main() -> None:
     out_file = RESULTS / f"train_speed_{args.device}{'_graphs' if args.cuda_graphs else ''}.json"
     out_file.write_text(json.dumps({
         "benchmark": "train_speed", "device": args.device, "batch": args.batch, "seq": args.seq,
-        "steps": args.steps, "cuda_graphs": args.cuda_graphs, "torch": torch.__version__, "machine": platform.machine(),
+        "steps": args.steps, "cuda_graphs": args.cuda_graphs, "attention": args.attention, "torch": torch.__version__, "machine": platform.machine(),
         "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
         "rows": rows, "lorakit_vs_peft": ratios,
     }, indent=2) + "\n")
