@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lorakit.ops.fused import LoraLinearFunction, _mask, fused_lora_linear, fused_lora_linears
+from lorakit.ops.fused import _mask, fused_lora_linear, fused_lora_linears
 
 
 def inputs(dtype, d_in=24, d_out=20, r=4, lead=(3, 7), seed=None):
@@ -142,14 +142,16 @@ def test_group_with_an_unused_output_gives_the_used_layers_gradients():
 
 def count_fused_calls(monkeypatch) -> list[int]:
     """Each entry: the number of layers in one fused call."""
+    from lorakit.ops import fused
+
     calls = []
-    original = LoraLinearFunction.apply
+    original = fused.lora_linear_apply
 
     def counting(x, plan, *params):
         calls.append(len(plan[0]))  # plan = (scalings, dropout, seed, A_cat, Bs)
         return original(x, plan, *params)
 
-    monkeypatch.setattr(LoraLinearFunction, "apply", counting)
+    monkeypatch.setattr(fused, "lora_linear_apply", counting)
     return calls
 
 
@@ -465,3 +467,57 @@ def test_cuda_model_takes_the_fused_op_by_default_under_autocast(monkeypatch):
     (loss_auto, grads_auto), (loss_ref, grads_ref) = results
     assert abs(loss_auto - loss_ref) < 1e-2 * abs(loss_ref)
     assert max(rel(a, b) for a, b in zip(grads_auto, grads_ref)) < 3e-2
+
+
+def ticketed_calls(monkeypatch) -> list[bool]:
+    """Each entry: whether a LoraLinear call was served by its ticket (True) or the general path."""
+    from lorakit.layers.linear import LoraLinear
+
+    calls = []
+    original = LoraLinear._forward_ticketed
+
+    def recording(self, x, ticket):
+        out = original(self, x, ticket)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(LoraLinear, "_forward_ticketed", recording)
+    return calls
+
+
+def test_tickets_serve_the_model_forward_and_lapse_after_it(monkeypatch):
+    import lorakit
+
+    calls = ticketed_calls(monkeypatch)
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    model = injected_llama(True).train()
+    for _ in range(2):  # the second forward runs q|k|v and gate|up as groups
+        model(input_ids=ids, labels=ids).loss.backward()
+    n_layers = sum(isinstance(m, lorakit.LoraLayer) for m in model.modules())
+    assert calls[-n_layers:] == [True] * n_layers
+    state = model.__dict__["lora_state"]
+    assert state.casts.token is None  # the forward is over
+    calls.clear()
+    layer = model.model.layers[0].self_attn.q_proj
+    layer(torch.randn(2, 9, 32))  # called alone: the general path, without asking the ticket
+    assert calls == []
+
+
+def test_an_adapter_changed_during_the_forward_is_used_as_changed():
+    """Tickets are made at the start of the forward; an adapter changed in place after that (here by
+    a hook just before its layer runs) must not be served from the casts made before."""
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    outs = []
+    for fused in (False, True):
+        model = injected_llama(fused)
+        model(input_ids=ids)  # groups learned
+        layer = model.model.layers[1].self_attn.k_proj  # a follower of q_proj
+
+        def bump(module, args):
+            with torch.no_grad():
+                module.lora_B["default"].add_(0.5)
+
+        handle = layer.register_forward_pre_hook(bump)
+        outs.append(model(input_ids=ids).logits)
+        handle.remove()
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)

@@ -39,11 +39,20 @@ def _start_of_forward(model: nn.Module, args) -> None:
         state.casts.refresh(state.linears, state.shared_inputs)
 
 
+def _end_of_forward(model: nn.Module, args, output) -> None:
+    """Forward hook on the injected model: the layers' tickets for this forward lapse."""
+    state = model.__dict__.get("lora_state")
+    if state is not None:
+        state.casts.end()
+
+
 def _link_siblings(model: nn.Module, state: LoraState) -> None:
     state.shared_inputs = link_siblings(model)
     state.linears = [m for m in model.modules() if isinstance(m, LoraLinear)]
     if not any(hook is _start_of_forward for hook in model._forward_pre_hooks.values()):
         model.register_forward_pre_hook(_start_of_forward)
+    if not any(hook is _end_of_forward for hook in model._forward_hooks.values()):
+        model.register_forward_hook(_end_of_forward)
 
 
 def lora_state(model: nn.Module) -> LoraState:

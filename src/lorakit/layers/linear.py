@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..ops import delta_weight, lora_delta
+from ..ops import fused as fused_op
 from ..ops.fused import fused_lora_linears
 from .base import LoraLayer
 
@@ -44,6 +45,7 @@ class LoraLinear(LoraLayer):
         self._casts: tuple | None = None  # (A, B, versions, dtype, then A, Aᵀ, B, Bᵀ in dtype)
         self._cat: tuple | None = None  # (the A casts it was made from, their concatenation, its transpose)
         self._weight_t: tuple | None = None  # (weight, its data pointer, its transposed view)
+        self._ticket: tuple | None = None  # this forward's ready-made fused call (AdapterCasts)
 
     def fused_args(self, x: torch.Tensor) -> tuple | None:
         """(weight, bias, A, B, scaling, dropout p) when this call can take the fused op, else None.
@@ -70,6 +72,11 @@ class LoraLinear(LoraLayer):
                 modules["lora_B"]._parameters[name], self.scaling[name], p)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        ticket = self._ticket
+        if ticket is not None and ticket[0] is ticket[1].token and not args and not kwargs:
+            out = self._forward_ticketed(x, ticket)
+            if out is not None:
+                return out
         fused = None if args or kwargs or not x.is_floating_point() else self.fused_args(x)
         if fused is None:
             return super().forward(x, *args, **kwargs)
@@ -94,6 +101,28 @@ class LoraLinear(LoraLayer):
         if grouped:
             if followers:
                 group.stash(x, {f: (a, o) for (f, a), o in zip(followers, outs[1:])})
+            group.observe(self, x)
+        return outs[0]
+
+    def _forward_ticketed(self, x: torch.Tensor, ticket: tuple) -> torch.Tensor | None:
+        """The fused call that `AdapterCasts.issue_tickets` prepared at the start of this forward, or
+        None where anything it was made for no longer holds (then the general path decides)."""
+        token, _, kind, autocast, training, dtype, followers, params, plan, tensors, versions = ticket
+        if (self.training is not training or torch.is_autocast_enabled(kind) is not autocast
+                or any(t._version != v for t, v in zip(tensors, versions))):
+            return None
+        group = self.shared_input
+        if followers is None:  # a follower: the output its leader computed from this very x
+            return group.take_ticketed(self, x, token)
+        x_run = x
+        if x.dtype != dtype:
+            if not autocast or not x.is_floating_point():
+                return None
+            x_run = x.to(dtype)  # the autocast dtype, as F.linear would compute in
+        outs = fused_op.lora_linear_apply(x_run, plan, *params)
+        if group is not None:
+            if followers:
+                group.stash_ticketed(x, dict(zip(followers, outs[1:])), token)
             group.observe(self, x)
         return outs[0]
 
@@ -170,8 +199,14 @@ class AdapterCasts:
         self._cats: list[tuple] = []  # (leader, the group's A casts, their stacked view)
         self._buffer: torch.Tensor | None = None
         self._versions: tuple | None = None
+        self.token: object | None = None  # while the model's forward runs: its layers' tickets hold it
+
+    def end(self) -> None:
+        """The model's forward is over: its tickets lapse (a layer called alone takes the general path)."""
+        self.token = None
 
     def refresh(self, layers: list[LoraLinear], groups: list[SharedInput]) -> None:
+        self.token = None
         if torch.compiler.is_compiling():
             return
         found, dtypes, key, versions = [], set(), [], []
@@ -179,9 +214,10 @@ class AdapterCasts:
             base = layer._modules.get("base_layer")
             weight = base._parameters.get("weight") if base is not None else None
             args = layer.fused_args(weight) if weight is not None else None
+            layer.__dict__["_ticket"] = None
             if args is not None:
                 A, B = args[2], args[3]
-                found.append((layer, A, B))
+                found.append((layer, A, B, args))
                 dtypes.add((weight.device.type, weight.dtype))
                 key += (id(layer), id(A), id(B), A.data_ptr(), B.data_ptr())
                 versions += (A._version, B._version)
@@ -196,19 +232,47 @@ class AdapterCasts:
         if key != self._key:
             self._layout(found, groups, dtype)
             self._key = key
-        elif versions == self._versions and not _capturing(dtypes_kind):
-            return  # unchanged; but a CUDA graph being captured must record the copy for its replays
-        with torch.no_grad(), torch.inference_mode(False):
-            self._buffer.copy_(torch.cat(self._sources))  # one cast for every adapter
-        self._versions = versions
-        for layer, A, B, *views in self._entries:  # __dict__: nn.Module's __setattr__ is slow
-            layer.__dict__["_casts"] = (A, B, (A._version, B._version, A.data_ptr(), B.data_ptr()), dtype, *views)
-        for leader, As, A_cat, A_cat_t in self._cats:
-            leader.__dict__["_cat"] = (As, A_cat, A_cat_t)
+        if versions != self._versions or _capturing(dtypes_kind):  # a graph being captured records
+            with torch.no_grad(), torch.inference_mode(False):        # the copy for its replays
+                self._buffer.copy_(torch.cat(self._sources))  # one cast for every adapter
+            self._versions = versions
+            for layer, A, B, *views in self._entries:  # __dict__: nn.Module's __setattr__ is slow
+                layer.__dict__["_casts"] = (A, B, (A._version, B._version, A.data_ptr(), B.data_ptr()), dtype, *views)
+            for leader, As, A_cat, A_cat_t in self._cats:
+                leader.__dict__["_cat"] = (As, A_cat, A_cat_t)
+        self._issue_tickets(found, groups, dtypes_kind, dtype)
+
+    def _issue_tickets(self, found: list[tuple], groups: list[SharedInput], kind: str, dtype: torch.dtype) -> None:
+        """Give every fused layer its call for this forward, made once here rather than per call:
+        a leader gets its group's parameters and plan (casts, transposed weights, scalings), a
+        follower a note to take the leader's output. A layer with dropout gets none (its mask
+        seed is drawn per call), and the general path serves it."""
+        token = self.token = object()
+        autocast = torch.is_autocast_enabled(kind)
+        args_of = {layer: args for layer, _, _, args in found}
+        chains = {leader: chain for group in groups for leader, chain in group.followers.items()}
+        following = {f for chain in chains.values() for f in chain}
+        for layer, args in args_of.items():
+            if args[-1] != 0 or layer in following:
+                continue  # dropout, or a follower (handled with its leader)
+            members = [layer] + [f for f in chains.get(layer, ()) if f in args_of and args_of[f][-1] == 0]
+            specs = [args_of[m][:-1] for m in members]
+            casts = layer._cast_adapters(members, specs, dtype)
+            transposed = tuple(m._transposed_weight(spec[0], dtype) for m, spec in zip(members, specs))
+            params = tuple(t for W, b, A, B, _ in specs for t in (W, b, A, B))
+            plan = (tuple(spec[4] for spec in specs), 0.0, 0, *casts, transposed, fused_op.plan_meta(specs))
+            tensors = tuple(t for _, _, A, B, _ in specs for t in (A, B))
+            versions = tuple(t._version for t in tensors)
+            followers = tuple(members[1:])
+            layer.__dict__["_ticket"] = (token, self, kind, autocast, layer.training, dtype, followers,
+                                         params, plan, tensors, versions)
+            for f in followers:
+                f.__dict__["_ticket"] = (token, self, kind, autocast, f.training, dtype, None,
+                                         None, None, tensors, versions)
 
     def _layout(self, found: list[tuple], groups: list[SharedInput], dtype: torch.dtype) -> None:
         """Order the adapters so that each group's A's are adjacent, and make the buffer's views."""
-        adapters = {layer: (A, B) for layer, A, B in found}
+        adapters = {layer: (A, B) for layer, A, B, _ in found}
         chains = [(leader, *chain) for group in groups for leader, chain in group.followers.items()]
         chains = [c for c in chains if all(layer in adapters for layer in c)]
         in_chain = {layer for chain in chains for layer in chain}
@@ -236,6 +300,7 @@ class AdapterCasts:
         self._buffer, self._versions = buffer, None
 
     def _drop(self) -> None:
+        self.token = None
         if self._key is not None:
             self.__init__()
 
@@ -301,11 +366,30 @@ class SharedInput:
         if entry is None:
             return None
         ref, args, key, out = entry
-        if (ref() is x and now is not None and all(a is b for a, b in zip(now[:4], args[:4]))
+        if (type(args) is tuple and ref() is x and now is not None and all(a is b for a, b in zip(now[:4], args[:4]))
                 and key == self._key(x, now)):
             return out
         self._drop(layer)
         return None
+
+    def take_ticketed(self, layer: LoraLinear, x: torch.Tensor, token: object) -> torch.Tensor | None:
+        """`take` for a follower whose ticket says its leader computed it in this forward: only x
+        (the very tensor, unchanged) and the grad mode are left to check."""
+        entry = self._stash.pop(layer, None)
+        if entry is None:
+            return None
+        ref, args, key, out = entry
+        if args is token and ref() is x and key == (_version(x), torch.is_grad_enabled()):
+            return out
+        self._drop(layer)
+        return None
+
+    def stash_ticketed(self, x: torch.Tensor, outs: dict[LoraLinear, torch.Tensor], token: object) -> None:
+        """`stash` for a leader that ran its ticket: the outputs are for this forward's tickets."""
+        for layer in self._stash:
+            self._drop(layer)
+        ref, key = weakref.ref(x), (_version(x), torch.is_grad_enabled())
+        self._stash = {layer: (ref, token, key, out) for layer, out in outs.items()}
 
     def stash(self, x: torch.Tensor, entries: dict[LoraLinear, tuple[tuple, torch.Tensor]]) -> None:
         """Keep each follower's output, with the fused_args it was computed from."""

@@ -85,68 +85,65 @@ def cast_adapters(As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor], dtype:
 
 class LoraLinearFunction(torch.autograd.Function):
     """apply(x, plan, W_1, b_1, A_1, B_1, …, W_n, b_n, A_n, B_n) -> n outputs, where
-    plan = (scalings, dropout, seed, A_cat, A_catᵀ, Bs, Bsᵀ, Wsᵀ): the adapters in x's dtype as
-    `cast_adapters` gives them, and the weights transposed (None where a weight is not in x's dtype)."""
+    plan = (scalings, dropout, seed, A_cat, A_catᵀ, Bs, Bsᵀ, Wsᵀ, meta): the adapters in x's dtype as
+    `cast_adapters` gives them, the weights transposed (None where a weight is not in x's dtype), and
+    what `plan_meta` says about the layers' tensors (made once per group, not per call)."""
 
     @staticmethod
     def forward(ctx, x, plan, *params):
-        scalings, dropout, seed, A_cat, A_cat_t, Bs_, Bts, Wts = plan
+        scalings, dropout, seed, A_cat, A_cat_t, Bs_, Bts, Wts, meta = plan
+        ranks, _, _, weights_train = meta
         ctx.set_materialize_grads(False)  # a layer whose output goes unused costs nothing in backward
-        dt = x.dtype
         x2d = x.reshape(-1, x.shape[-1])
         x_in = x2d * _mask(x2d, dropout, seed) if dropout > 0 else x2d
-        weights, biases, As, Bs = (params[k::PER_LAYER] for k in range(PER_LAYER))
-        ranks = [A.shape[0] for A in As]
-        low = x_in @ A_cat_t                                     # (T, Σr)
+        weights = params[0::PER_LAYER]
+        low = torch.mm(x_in, A_cat_t)                            # (T, Σr)
         lows = low.split(ranks, dim=1) if len(ranks) > 1 else (low,)
         outs = []
-        lead = x.shape[:-1]
-        for W, Wt, b, Bt, lo, s in zip(weights, Wts, biases, Bts, lows, scalings):
+        lead, rows = x.shape[:-1], x2d.shape[0]
+        for W, Wt, b, Bt, lo, s in zip(weights, Wts, params[1::PER_LAYER], Bts, lows, scalings):
             if b is not None:
-                y = torch.addmm(b.to(dt), lo, Bt, alpha=s)
+                y = torch.addmm(b.to(x.dtype), lo, Bt, alpha=s)
             else:
-                y = x2d.new_empty(x2d.shape[0], Bt.shape[1]).addmm_(lo, Bt, beta=0, alpha=s)
-            y.addmm_(x2d, Wt if Wt is not None else W.to(dt).t())  # base matmul onto the adapter's output
-            outs.append(y.view(*lead, y.shape[-1]))
+                y = x2d.new_empty(rows, Bt.shape[1]).addmm_(lo, Bt, beta=0, alpha=s)
+            y.addmm_(x2d, Wt if Wt is not None else W.to(x.dtype).t())  # base matmul onto the adapter's output
+            outs.append(y.view(*lead, y.shape[1]))
         # dA needs x. When x is an elementwise product whose factors autograd keeps anyway
         # (SwiGLU's; with REBUILD_INPUTS=True RMSNorm's too), it is rebuilt instead of kept.
         recipe = None
-        if REBUILD_INPUTS and not any(W.requires_grad for W in weights):
+        if REBUILD_INPUTS and not weights_train:
             recipe = rebuild_input.plan(x, products_only=REBUILD_INPUTS == "products")
         # The adapter casts are saved too: they may be views of a buffer that the next optimizer
         # step's refresh overwrites in place (AdapterCasts), and autograd then says so.
         ctx.save_for_backward(*(() if recipe else (x,)), low, A_cat, *Bs_, *weights)
-        ctx.recipe = recipe
-        ctx.x_shape, ctx.x_full_shape = x2d.shape, x.shape
-        ctx.scalings, ctx.dropout, ctx.seed, ctx.ranks = scalings, dropout, seed, ranks
-        ctx.param_dtypes = [(A.dtype, B.dtype) for A, B in zip(As, Bs)]
-        ctx.bias_needs_grad = [b is not None and b.requires_grad for b in biases]
+        ctx.recipe, ctx.x_shape, ctx.plan = recipe, x.shape, (scalings, dropout, seed, meta)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
         needs = ctx.needs_input_grad  # x, plan, then (W, b, A, B) per layer
         wants_dA, wants_dW = any(needs[4::PER_LAYER]), any(needs[2::PER_LAYER])
-        ranks = ctx.ranks
+        scalings, dropout, seed, (ranks, param_dtypes, bias_needs_grad, _) = ctx.plan
         saved = ctx.saved_tensors
         x = saved[0] if ctx.recipe is None else None
         low, A_cat, *rest = saved[1:] if ctx.recipe is None else saved
         Bs_, weights = rest[:len(ranks)], rest[len(ranks):]
         factors = None  # x = a·b, never formed: dA comes from the factors
         if ctx.recipe is not None:
-            if ctx.dropout == 0 and not wants_dW:
+            if dropout == 0 and not wants_dW:
                 factors = rebuild_input.factors(ctx.recipe)
             if factors is None and (wants_dA or wants_dW):
                 x = rebuild_input.rebuild(ctx.recipe)
         x2d = x.reshape(-1, x.shape[-1]) if x is not None else None
         dt = low.dtype
+        x_rows = (low.shape[0], ctx.x_shape[-1])
         layer_grads: list = [None] * (PER_LAYER * len(ranks))
         g_low = low.new_empty(low.shape)                         # (T, Σr)
         g_lows, lows = (g_low.split(ranks, 1), low.split(ranks, 1)) if len(ranks) > 1 else ((g_low,), (low,))
         g2ds = []  # each used layer's (T, d_out) gradient in x's dtype, with its weight, for dx below
         fused_b = low.is_cuda and (FUSED_B_GRADS if FUSED_B_GRADS is not None
                                    else torch.cuda.is_current_stream_capturing())
-        for i, (g, B_, s, g_low_i, lo) in enumerate(zip(grads, Bs_, ctx.scalings, g_lows, lows)):
+        for i, (g, B_, s, g_low_i, lo) in enumerate(zip(grads, Bs_, scalings, g_lows, lows)):
             if g is None:  # this layer's output was not used
                 g_low_i.zero_()
                 continue
@@ -157,27 +154,27 @@ class LoraLinearFunction(torch.autograd.Function):
             base = 2 + PER_LAYER * i
             if needs[base + 3] and fused_b and lora_b_grads_pays(g2d, lo):  # one read of g for both
                 _, dB = lora_b_grads(g2d, lo, B_, s, out=g_low_i)
-                layer_grads[PER_LAYER * i + 3] = dB.to(ctx.param_dtypes[i][1])
+                layer_grads[PER_LAYER * i + 3] = dB.to(param_dtypes[i][1])
             else:
                 g_low_i.addmm_(g2d, B_, beta=0, alpha=s)           # gradient of x·A_iᵀ
                 if needs[base + 3]:
-                    layer_grads[PER_LAYER * i + 3] = _mm_as(g2d.t(), lo, s, ctx.param_dtypes[i][1])
+                    layer_grads[PER_LAYER * i + 3] = _mm_as(g2d.t(), lo, s, param_dtypes[i][1])
             if needs[base]:
                 layer_grads[PER_LAYER * i] = (g2d.t() @ x2d).to(weights[i].dtype)
-            if ctx.bias_needs_grad[i]:
+            if bias_needs_grad[i]:
                 layer_grads[PER_LAYER * i + 1] = g2d.sum(0)
         mask = None
-        if ctx.dropout > 0:
-            mask = _mask(x2d if x2d is not None else low.new_empty(ctx.x_shape), ctx.dropout, ctx.seed)
+        if dropout > 0:
+            mask = _mask(x2d if x2d is not None else low.new_empty(x_rows), dropout, seed)
         if wants_dA:
-            a_dtype = ctx.param_dtypes[0][0]
+            a_dtype = param_dtypes[0][0]
             if factors is not None:
                 dA_cat = product_grad(g_low, *factors).to(a_dtype)  # gᵀ·(a⊙b), (Σr, d_in)
             else:
                 x_in = x2d * mask if mask is not None else x2d
                 dA_cat = _mm_as(g_low.t(), x_in, 1, a_dtype)      # (Σr, d_in)
             for i, dA in enumerate(dA_cat.split(ranks) if len(ranks) > 1 else (dA_cat,)):
-                layer_grads[PER_LAYER * i + 2] = dA if ctx.param_dtypes[i][0] == a_dtype else dA.to(ctx.param_dtypes[i][0])
+                layer_grads[PER_LAYER * i + 2] = dA if param_dtypes[i][0] == a_dtype else dA.to(param_dtypes[i][0])
         grad_x = None
         if needs[0]:
             grad_x = g_low @ A_cat                               # (T, d_in), the adapters' part
@@ -185,8 +182,28 @@ class LoraLinearFunction(torch.autograd.Function):
                 grad_x.mul_(mask)
             for g2d, W in g2ds:
                 grad_x.addmm_(g2d, W if W.dtype == dt else W.to(dt))
-            grad_x = grad_x.view(ctx.x_full_shape)
+            grad_x = grad_x.view(ctx.x_shape)
         return (grad_x, None, *layer_grads)
+
+
+def plan_meta(layers: Sequence[tuple]) -> tuple:
+    """What the fused op needs to know of a group's ``(weight, bias, A, B, …)`` tensors besides the
+    tensors: (ranks, (A dtype, B dtype) per layer, whether each bias trains, whether any weight does)."""
+    return (tuple(layer[2].shape[0] for layer in layers), tuple((layer[2].dtype, layer[3].dtype) for layer in layers),
+            tuple(layer[1] is not None and layer[1].requires_grad for layer in layers),
+            any(layer[0].requires_grad for layer in layers))
+
+
+_apply_in_c = super(torch.autograd.Function, LoraLinearFunction).apply  # torch's C entry point
+
+
+def lora_linear_apply(x: torch.Tensor, plan: tuple, *params: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """``LoraLinearFunction.apply`` without the Python wrapper of ``Function.apply``: that wrapper
+    checks each argument for functorch, a few µs per call that a launch-bound forward pays ~90
+    times. Under a functorch transform (vmap, grad) the wrapper is needed and used."""
+    if torch._C._are_functorch_transforms_active():
+        return lora_linear_apply(x, plan, *params)
+    return _apply_in_c(x, plan, *params)
 
 
 def draw_seed(p: float) -> int:
@@ -206,8 +223,8 @@ def fused_lora_linears(x: torch.Tensor, layers: Sequence[tuple], dropout: float 
     if casts is None:
         casts = cast_adapters([layer[2] for layer in layers], [layer[3] for layer in layers], x.dtype)
     weights_t = tuple(W.t() if W.dtype == x.dtype else None for W, *_ in layers) if transposed is None else transposed
-    plan = (tuple(layer[4] for layer in layers), p, draw_seed(p), *casts, weights_t)
-    return LoraLinearFunction.apply(x, plan, *params)
+    plan = (tuple(layer[4] for layer in layers), p, draw_seed(p), *casts, weights_t, plan_meta(layers))
+    return lora_linear_apply(x, plan, *params)
 
 
 def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
