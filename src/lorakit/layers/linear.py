@@ -199,7 +199,9 @@ class AdapterCasts:
         self._cats: list[tuple] = []  # (leader, the group's A casts, their stacked view)
         self._buffer: torch.Tensor | None = None
         self._versions: tuple | None = None
-        self.token: object | None = None  # while the model's forward runs: its layers' tickets hold it
+        self._expected: list[tuple] = []  # (a group's adapters, the versions its ticket accepts: a list)
+        self._epoch: object | None = None  # what the current tickets hold; a new layout makes a new one
+        self.token: object | None = None  # the epoch while the model's forward runs, else None
 
     def end(self) -> None:
         """The model's forward is over: its tickets lapse (a layer called alone takes the general path)."""
@@ -214,40 +216,52 @@ class AdapterCasts:
             base = layer._modules.get("base_layer")
             weight = base._parameters.get("weight") if base is not None else None
             args = layer.fused_args(weight) if weight is not None else None
-            layer.__dict__["_ticket"] = None
             if args is not None:
-                A, B = args[2], args[3]
+                W, b, A, B, scaling, p = args
                 found.append((layer, A, B, args))
                 dtypes.add((weight.device.type, weight.dtype))
-                key += (id(layer), id(A), id(B), A.data_ptr(), B.data_ptr())
+                key += (id(layer), id(A), id(B), A.data_ptr(), B.data_ptr(), id(W), W.data_ptr(), id(b),
+                        scaling, p, layer.training)
                 versions += (A._version, B._version)
         if len(dtypes) != 1:  # one buffer, one dtype
-            self._drop()
+            self._drop(layers)
             return
-        dtypes_kind, weight_dtype = dtypes.pop()
-        dtype = _compute_dtype(dtypes_kind, weight_dtype)
+        kind, weight_dtype = dtypes.pop()
+        dtype = _compute_dtype(kind, weight_dtype)
         versions = tuple(versions)
-        key = (dtype, tuple(key), tuple(tuple(id(f) for f in chain) for group in groups
-                                        for chain in group.followers.items()))
-        if key != self._key:
+        key = (dtype, torch.is_autocast_enabled(kind), tuple(key),
+               tuple(tuple(id(f) for f in chain) for group in groups for chain in group.followers.items()))
+        new_layout = key != self._key
+        if new_layout:
             self._layout(found, groups, dtype)
             self._key = key
-        if versions != self._versions or _capturing(dtypes_kind):  # a graph being captured records
-            with torch.no_grad(), torch.inference_mode(False):        # the copy for its replays
+        if versions != self._versions or _capturing(kind):  # a graph being captured records the
+            with torch.no_grad(), torch.inference_mode(False):  # copy for its replays
                 self._buffer.copy_(torch.cat(self._sources))  # one cast for every adapter
             self._versions = versions
             for layer, A, B, *views in self._entries:  # __dict__: nn.Module's __setattr__ is slow
                 layer.__dict__["_casts"] = (A, B, (A._version, B._version, A.data_ptr(), B.data_ptr()), dtype, *views)
             for leader, As, A_cat, A_cat_t in self._cats:
                 leader.__dict__["_cat"] = (As, A_cat, A_cat_t)
-        self._issue_tickets(found, groups, dtypes_kind, dtype)
+            if not new_layout:
+                for tensors, expected in self._expected:
+                    expected[:] = [t._version for t in tensors]
+        if new_layout:
+            self._issue_tickets(layers, found, groups, kind, dtype)
+        self.token = self._epoch
 
-    def _issue_tickets(self, found: list[tuple], groups: list[SharedInput], kind: str, dtype: torch.dtype) -> None:
-        """Give every fused layer its call for this forward, made once here rather than per call:
-        a leader gets its group's parameters and plan (casts, transposed weights, scalings), a
-        follower a note to take the leader's output. A layer with dropout gets none (its mask
-        seed is drawn per call), and the general path serves it."""
-        token = self.token = object()
+    def _issue_tickets(self, layers: list[LoraLinear], found: list[tuple], groups: list[SharedInput],
+                       kind: str, dtype: torch.dtype) -> None:
+        """Give every fused layer its call, made here once per layout rather than on every call: a
+        leader gets its group's parameters and plan (casts, transposed weights, scalings), a
+        follower a note to take the leader's output. A ticket holds this layout's epoch and is
+        honoured only while the model's forward runs (`token`), and only for the adapter versions
+        that `refresh` last cast (`_expected`). A layer with dropout gets none (its mask seed is
+        drawn per call): the general path serves it, as it does any layer whose ticket does not fit."""
+        for layer in layers:
+            layer.__dict__["_ticket"] = None
+        epoch = self._epoch = object()
+        self._expected = []
         autocast = torch.is_autocast_enabled(kind)
         args_of = {layer: args for layer, _, _, args in found}
         chains = {leader: chain for group in groups for leader, chain in group.followers.items()}
@@ -262,13 +276,14 @@ class AdapterCasts:
             params = tuple(t for W, b, A, B, _ in specs for t in (W, b, A, B))
             plan = (tuple(spec[4] for spec in specs), 0.0, 0, *casts, transposed, fused_op.plan_meta(specs))
             tensors = tuple(t for _, _, A, B, _ in specs for t in (A, B))
-            versions = tuple(t._version for t in tensors)
+            expected = [t._version for t in tensors]
+            self._expected.append((tensors, expected))
             followers = tuple(members[1:])
-            layer.__dict__["_ticket"] = (token, self, kind, autocast, layer.training, dtype, followers,
-                                         params, plan, tensors, versions)
+            layer.__dict__["_ticket"] = (epoch, self, kind, autocast, layer.training, dtype, followers,
+                                         params, plan, tensors, expected)
             for f in followers:
-                f.__dict__["_ticket"] = (token, self, kind, autocast, f.training, dtype, None,
-                                         None, None, tensors, versions)
+                f.__dict__["_ticket"] = (epoch, self, kind, autocast, f.training, dtype, None,
+                                         None, None, tensors, expected)
 
     def _layout(self, found: list[tuple], groups: list[SharedInput], dtype: torch.dtype) -> None:
         """Order the adapters so that each group's A's are adjacent, and make the buffer's views."""
@@ -299,9 +314,10 @@ class AdapterCasts:
                 self._cats.append((chain[0], As, A_cat, A_cat.t()))
         self._buffer, self._versions = buffer, None
 
-    def _drop(self) -> None:
-        self.token = None
+    def _drop(self, layers: list[LoraLinear]) -> None:
         if self._key is not None:
+            for layer in layers:
+                layer.__dict__["_ticket"] = None
             self.__init__()
 
 

@@ -98,7 +98,7 @@ class LoraLinearFunction(torch.autograd.Function):
         x_in = x2d * _mask(x2d, dropout, seed) if dropout > 0 else x2d
         weights = params[0::PER_LAYER]
         low = torch.mm(x_in, A_cat_t)                            # (T, Σr)
-        lows = low.split(ranks, dim=1) if len(ranks) > 1 else (low,)
+        lows = low.split_with_sizes(ranks, 1) if len(ranks) > 1 else (low,)
         outs = []
         lead, rows = x.shape[:-1], x2d.shape[0]
         for W, Wt, b, Bt, lo, s in zip(weights, Wts, params[1::PER_LAYER], Bts, lows, scalings):
@@ -139,7 +139,10 @@ class LoraLinearFunction(torch.autograd.Function):
         x_rows = (low.shape[0], ctx.x_shape[-1])
         layer_grads: list = [None] * (PER_LAYER * len(ranks))
         g_low = low.new_empty(low.shape)                         # (T, Σr)
-        g_lows, lows = (g_low.split(ranks, 1), low.split(ranks, 1)) if len(ranks) > 1 else ((g_low,), (low,))
+        if len(ranks) > 1:
+            g_lows, lows = g_low.split_with_sizes(ranks, 1), low.split_with_sizes(ranks, 1)
+        else:
+            g_lows, lows = (g_low,), (low,)
         g2ds = []  # each used layer's (T, d_out) gradient in x's dtype, with its weight, for dx below
         fused_b = low.is_cuda and (FUSED_B_GRADS if FUSED_B_GRADS is not None
                                    else torch.cuda.is_current_stream_capturing())
@@ -173,7 +176,7 @@ class LoraLinearFunction(torch.autograd.Function):
             else:
                 x_in = x2d * mask if mask is not None else x2d
                 dA_cat = _mm_as(g_low.t(), x_in, 1, a_dtype)      # (Σr, d_in)
-            for i, dA in enumerate(dA_cat.split(ranks) if len(ranks) > 1 else (dA_cat,)):
+            for i, dA in enumerate(dA_cat.split_with_sizes(ranks) if len(ranks) > 1 else (dA_cat,)):
                 layer_grads[PER_LAYER * i + 2] = dA if param_dtypes[i][0] == a_dtype else dA.to(param_dtypes[i][0])
         grad_x = None
         if needs[0]:
