@@ -14,7 +14,7 @@ same model, seed and batches, and prints a table of medians and ratios:
   kept, SwiGLU's product too), ``rebuild-*`` (``REBUILD_INPUTS = True``: RMSNorm's outputs are
   rebuilt in backward as well, ``ops/rebuild.py``), ``cublas-*`` (``FUSED_B_GRADS = False``: g·B
   and gᵀ·low as two cuBLAS matmuls, each reading g, even in a captured step, where lorakit uses
-  the one-read Triton kernel).
+  the one-read Triton kernel), ``bgrads-*`` (``FUSED_B_GRADS = True``: that kernel in eager steps too).
 
 ``--cuda-graphs`` captures each variant's whole step (forward, backward, optimizer) in one CUDA
 graph after the warm-up steps and times its replays: every variant then runs at the GPU's speed,
@@ -34,6 +34,7 @@ batch 8 × 1024; peak memory is ``torch.cuda.max_memory_allocated``.
     .venv/bin/python benchmarks/train_speed.py --interleave lorakit-qv-r8,peft-qv-r8 --steps 20   # one-process ratio
     python benchmarks/train_speed.py --device cuda --phases floor,lorakit-all-r16   # is a phase host-bound?
     .venv/bin/python benchmarks/train_speed.py --count-ops floor,fused-all-r16,peft-all-r16   # host work
+    .venv/bin/python benchmarks/train_speed.py --host-proxy floor,fused-all-r16,peft-all-r16 --steps 40
 
 Writes ``benchmarks/results/train_speed_<device>.json``.
 """
@@ -57,7 +58,7 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = ["floor", "full", "peft-qv-r8", "lorakit-qv-r8", "fused-qv-r8", "peft-all-r16", "lorakit-all-r16",
             "fused-all-r16"]
-LIBRARIES = ("lorakit", "reference", "fused", "ungrouped", "keep", "rebuild", "cublas")
+LIBRARIES = ("lorakit", "reference", "fused", "ungrouped", "keep", "rebuild", "cublas", "bgrads")
 LORA = {  # variant suffix -> (rank, alpha, targets)
     "qv-r8": (8, 16, ["q_proj", "v_proj"]),
     "all-r16": (16, 32, "all-linear"),
@@ -103,8 +104,8 @@ def prepare(model, variant: str):
 
         if library in ("keep", "rebuild"):
             lorakit.ops.fused.REBUILD_INPUTS = library == "rebuild"
-        if library == "cublas":
-            lorakit.ops.fused.FUSED_B_GRADS = False
+        if library in ("cublas", "bgrads"):
+            lorakit.ops.fused.FUSED_B_GRADS = library == "bgrads"
         for module in model.modules():
             if isinstance(module, lorakit.LoraLayer) and library != "lorakit":
                 module.use_fused_op = library != "reference"
@@ -280,6 +281,49 @@ def phases(variant: str, args) -> dict:
     return {"variant": variant, "phases_s": result}
 
 
+def host_proxy(variants: list[str], args) -> list[dict]:
+    """Host time per phase on the CPU, for a model of TinyLlama's depth (22 layers, the same modules)
+    but tiny width (hidden 64, 8 tokens, one thread), where the arithmetic is negligible: what is
+    left is Python and dispatch, the work a GPU step's host does. All variants live in one process
+    and alternate, so machine noise hits each alike; medians and minimums of ``args.steps`` steps."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.set_num_threads(1)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=176, num_hidden_layers=22,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      attn_implementation="sdpa")
+    runs = {}
+    for variant in variants:
+        torch.manual_seed(0)
+        model, params = prepare(LlamaForCausalLM(cfg).train(), variant)
+        runs[variant] = (model, torch.optim.AdamW(params, lr=1e-4) if params else None)
+    ids = torch.randint(0, cfg.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    times = {v: {"forward": [], "backward": [], "optimizer": []} for v in variants}
+    for step in range(args.warmup + args.steps):
+        for variant in (variants if step % 2 else variants[::-1]):
+            model, opt = runs[variant]
+            t0 = time.perf_counter()
+            loss = model(input_ids=ids, labels=ids).loss
+            t1 = time.perf_counter()
+            loss.backward()
+            t2 = time.perf_counter()
+            if opt is not None:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            t3 = time.perf_counter()
+            if step >= args.warmup:
+                for phase, seconds in zip(times[variant], (t1 - t0, t2 - t1, t3 - t2)):
+                    times[variant][phase].append(seconds)
+    rows = []
+    for variant, phases_ in times.items():
+        row = {"variant": variant, **{f"{phase}_median_s": statistics.median(t) for phase, t in phases_.items()},
+               **{f"{phase}_min_s": min(t) for phase, t in phases_.items()}}
+        rows.append(row)
+        print(f"{variant:<18} " + "  ".join(f"{phase} {row[phase + '_median_s'] * 1e3:6.2f} ms (min "
+                                            f"{row[phase + '_min_s'] * 1e3:6.2f})" for phase in phases_))
+    return rows
+
+
 def count_ops(variant: str, args) -> dict:
     """Torch operator calls per phase of one training step (after two warm-up steps, so groups and
     casts are settled): what the host pays for, independent of how fast this machine is."""
@@ -401,6 +445,9 @@ def main() -> None:
                    "variant; writes train_phases_<device>.json")
     p.add_argument("--count-ops", metavar="A,B", help="torch operator calls per phase of one step, for "
                    "each variant (the host's work); writes train_ops_<device>.json")
+    p.add_argument("--host-proxy", metavar="A,B", help="host time per phase on CPU for a 22-layer model of "
+                   "tiny width (Python and dispatch only), variants alternating in one process; writes "
+                   "train_host_cpu.json")
     p.add_argument("--interleave", metavar="A,B[;C,D…]", help="step-time ratios of pairs of variants, "
                    "each pair in one process with alternating steps; writes train_interleaved_<device>.json")
     args = p.parse_args()
@@ -415,6 +462,10 @@ def main() -> None:
         return
     if args.interleave:
         write_results("interleaved", [interleave(pair, args) for pair in args.interleave.split(";")], args)
+        return
+    if args.host_proxy:
+        args.device = "cpu"
+        write_results("host", host_proxy(args.host_proxy.split(","), args), args)
         return
     if args.count_ops:
         write_results("ops", [count_ops(variant, args) for variant in args.count_ops.split(",")], args)
