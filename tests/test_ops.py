@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -265,7 +266,7 @@ def test_adapter_casts_are_made_for_every_layer_at_once():
         assert B_cast.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
         assert torch.equal(A_cast, A.detach().to(dtype)) and torch.equal(B_cast, B.detach().to(dtype))
         if layer._cat is not None:  # a group's stacked A: a view too, no concatenation per call
-            As, A_cat, A_cat_t = layer._cat
+            As, A_cat, A_cat_t, _ = layer._cat
             assert torch.equal(A_cat_t, A_cat.t())
             leaders += 1
             assert A_cat.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
@@ -521,3 +522,26 @@ def test_an_adapter_changed_during_the_forward_is_used_as_changed():
         outs.append(model(input_ids=ids).logits)
         handle.remove()
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+
+
+def test_a_group_with_a_member_off_the_fused_path_follows_optimizer_steps():
+    """q|k|v are learned as a group; then v leaves the fused path. q and k still read one x, but
+    their stacked A is no longer a view of the shared cast buffer: it must still be made again
+    after every optimizer step, not kept from the first."""
+    import lorakit
+
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    model, opt = bf16_llama_with_optimizer(True)
+    model(input_ids=ids)  # groups learned
+    for block in model.model.layers:
+        block.self_attn.v_proj.use_fused_op = False
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        fused = model(input_ids=ids).logits.float()
+        twin = copy.deepcopy(model)  # the same weights on the reference ops, this model left as it is
+        for m in twin.modules():
+            if isinstance(m, lorakit.LoraLayer):
+                m.use_fused_op = False
+        assert rel(fused, twin(input_ids=ids).logits.float()) < 1e-2

@@ -43,7 +43,8 @@ class LoraLinear(LoraLayer):
         self.use_fused_op: bool | None = None
         self.shared_input: SharedInput | None = None  # set by link_siblings()
         self._casts: tuple | None = None  # (A, B, versions, dtype, then A, Aᵀ, B, Bᵀ in dtype)
-        self._cat: tuple | None = None  # (the A casts it was made from, their concatenation, its transpose)
+        self._cat: tuple | None = None  # (the A casts it was made from, their concatenation, its
+        #                                   transpose, the casts' versions then)
         self._weight_t: tuple | None = None  # (weight, its data pointer, its transposed view)
         self._ticket: tuple | None = None  # this forward's ready-made fused call (AdapterCasts)
 
@@ -145,9 +146,11 @@ class LoraLinear(LoraLayer):
         As = tuple(c[0] for c in casts)
         Bs, Bts = tuple(c[2] for c in casts), tuple(c[3] for c in casts)
         c = self._cat
-        if c is None or len(c[0]) != len(As) or any(a is not b for a, b in zip(c[0], As)):
+        versions = tuple(_version(a) for a in As)  # casts that are views of AdapterCasts' buffer keep
+        if (c is None or len(c[0]) != len(As) or any(a is not b for a, b in zip(c[0], As))  # their
+                or c[3] != versions):  # identity across optimizer steps, and their version moves
             A_cat = torch.cat(As)
-            c = self.__dict__["_cat"] = (As, A_cat, A_cat.t())
+            c = self.__dict__["_cat"] = (As, A_cat, A_cat.t(), versions)
         return c[1], c[2], Bs, Bts
 
     def _transposed_weight(self, W: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
@@ -242,7 +245,7 @@ class AdapterCasts:
             for layer, A, B, *views in self._entries:  # __dict__: nn.Module's __setattr__ is slow
                 layer.__dict__["_casts"] = (A, B, (A._version, B._version, A.data_ptr(), B.data_ptr()), dtype, *views)
             for leader, As, A_cat, A_cat_t in self._cats:
-                leader.__dict__["_cat"] = (As, A_cat, A_cat_t)
+                leader.__dict__["_cat"] = (As, A_cat, A_cat_t, tuple(_version(a) for a in As))
             if not new_layout:
                 for tensors, expected in self._expected:
                     expected[:] = [t._version for t in tensors]
@@ -269,7 +272,11 @@ class AdapterCasts:
         for layer, args in args_of.items():
             if args[-1] != 0 or layer in following:
                 continue  # dropout, or a follower (handled with its leader)
-            members = [layer] + [f for f in chains.get(layer, ()) if f in args_of and args_of[f][-1] == 0]
+            chain = chains.get(layer, ())
+            members = [layer] + [f for f in chain if f in args_of and args_of[f][-1] == 0]
+            if len(members) != 1 + len(chain):
+                continue  # part of a group is off the fused path: its stacked A is not a view of the
+                #           buffer, so it is made per call on the general path, after every cast
             specs = [args_of[m][:-1] for m in members]
             casts = layer._cast_adapters(members, specs, dtype)
             transposed = tuple(m._transposed_weight(spec[0], dtype) for m, spec in zip(members, specs))
