@@ -11,7 +11,8 @@ from torch import nn
 
 from .config import ALL_LINEAR, ConfigError, LoraConfig, layer_index, name_matches
 from .layers import LoraFusedLinear, LoraLayer, TrainableCopy, is_dense, lora_class_for
-from .layers.linear import AdapterCasts, LoraLinear, link_siblings
+from .layers.casts import AdapterCasts
+from .layers.linear import LoraLinear, link_siblings
 
 
 @dataclass
