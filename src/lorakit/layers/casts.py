@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..ops import fused as fused_op
-from .linear import LoraLinear, SharedInput, _version
+from .linear import LoraLinear, SharedInput, Ticket, _version
 
 
 class AdapterCasts:
@@ -116,11 +116,11 @@ class AdapterCasts:
             expected = [t._version for t in tensors]
             self._expected.append((tensors, expected))
             followers = tuple(members[1:])
-            layer.__dict__["_ticket"] = (epoch, self, kind, autocast, layer.training, dtype, followers,
-                                         params, plan, tensors, expected)
+            layer.__dict__["_ticket"] = Ticket(epoch, self, kind, autocast, layer.training, dtype, followers,
+                                               params, plan, tensors, expected)
             for f in followers:
-                f.__dict__["_ticket"] = (epoch, self, kind, autocast, f.training, dtype, None,
-                                         None, None, tensors, expected)
+                f.__dict__["_ticket"] = Ticket(epoch, self, kind, autocast, f.training, dtype, None,
+                                           None, None, tensors, expected)
 
     def _layout(self, found: list[tuple], groups: list[SharedInput], dtype: torch.dtype) -> None:
         """Order the adapters so that each group's A's are adjacent, and make the buffer's views."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import weakref
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -27,6 +28,22 @@ def dense_features(module: nn.Module) -> tuple[int, int]:
     return d_in, d_out
 
 
+class Ticket(NamedTuple):
+    """A fused layer's call, made once per layout by `AdapterCasts` rather than on every call."""
+
+    epoch: object  # honoured while it is the owner's token: during the model's forward
+    owner: object  # the AdapterCasts that made it
+    kind: str  # device type
+    autocast: bool  # autocast on when it was made
+    training: bool
+    dtype: torch.dtype  # the compute dtype
+    followers: tuple | None  # a leader's followers (maybe none); None for a follower
+    params: tuple | None  # the leader's (W, b, A, B) per member, as LoraLinearFunction takes them
+    plan: tuple | None  # and its plan
+    tensors: tuple  # the group's adapters ...
+    versions: list  # ... and the versions they were last cast at (updated in place by the owner)
+
+
 class LoraLinear(LoraLayer):
     """h = W0·x + s·B·A·dropout(x), A: (r, d_in), B: (d_out, r).
 
@@ -46,7 +63,7 @@ class LoraLinear(LoraLayer):
         self._cat: tuple | None = None  # (the A casts it was made from, their concatenation, its
         #                                   transpose, the casts' versions then)
         self._weight_t: tuple | None = None  # (weight, its data pointer, its transposed view)
-        self._ticket: tuple | None = None  # this forward's ready-made fused call (AdapterCasts)
+        self._ticket: Ticket | None = None  # its ready-made fused call, made by AdapterCasts
 
     def fused_args(self, x: torch.Tensor) -> tuple | None:
         """(weight, bias, A, B, scaling, dropout p) when this call can take the fused op, else None.
@@ -106,8 +123,8 @@ class LoraLinear(LoraLayer):
         return outs[0]
 
     def _forward_ticketed(self, x: torch.Tensor, ticket: tuple) -> torch.Tensor | None:
-        """The fused call that `AdapterCasts.issue_tickets` prepared at the start of this forward, or
-        None where anything it was made for no longer holds (then the general path decides)."""
+        """The fused call that `AdapterCasts` prepared for this layout (`Ticket`), or None where
+        anything it was made for no longer holds (then the general path decides)."""
         token, _, kind, autocast, training, dtype, followers, params, plan, tensors, versions = ticket
         if (self.training is not training or torch.is_autocast_enabled(kind) is not autocast
                 or any(t._version != v for t, v in zip(tensors, versions))):
@@ -145,10 +162,12 @@ class LoraLinear(LoraLayer):
             return A_cast, A_cast_t, (B_cast,), (B_cast_t,)
         As = tuple(c[0] for c in casts)
         Bs, Bts = tuple(c[2] for c in casts), tuple(c[3] for c in casts)
+        # Casts that are views of AdapterCasts' buffer keep their identity across optimizer steps;
+        # their version counter is what moves.
         c = self._cat
-        versions = tuple(_version(a) for a in As)  # casts that are views of AdapterCasts' buffer keep
-        if (c is None or len(c[0]) != len(As) or any(a is not b for a, b in zip(c[0], As))  # their
-                or c[3] != versions):  # identity across optimizer steps, and their version moves
+        versions = tuple(_version(a) for a in As)
+        if (c is None or len(c[0]) != len(As) or any(a is not b for a, b in zip(c[0], As))
+                or c[3] != versions):
             A_cat = torch.cat(As)
             c = self.__dict__["_cat"] = (As, A_cat, A_cat.t(), versions)
         return c[1], c[2], Bs, Bts
