@@ -136,7 +136,6 @@ class LoraLinearFunction(torch.autograd.Function):
                 x = rebuild_input.rebuild(ctx.recipe)
         x2d = x.reshape(-1, x.shape[-1]) if x is not None else None
         dt = low.dtype
-        x_rows = (low.shape[0], ctx.x_shape[-1])
         layer_grads: list = [None] * (PER_LAYER * len(ranks))
         g_low = low.new_empty(low.shape)                         # (T, Σr)
         if len(ranks) > 1:
@@ -168,7 +167,8 @@ class LoraLinearFunction(torch.autograd.Function):
                 layer_grads[PER_LAYER * i + 1] = g2d.sum(0)
         mask = None
         if dropout > 0:
-            mask = _mask(x2d if x2d is not None else low.new_empty(x_rows), dropout, seed)
+            like = x2d if x2d is not None else low.new_empty(low.shape[0], ctx.x_shape[-1])  # x's rows
+            mask = _mask(like, dropout, seed)
         if wants_dA:
             a_dtype = param_dtypes[0][0]
             if factors is not None:
