@@ -1,98 +1,162 @@
-"""Training-step speed and memory of LoRA: lorakit vs PEFT vs full fine-tuning vs the frozen floor.
+"""Training-step speed and memory of LoRA on a Llama: lorakit vs PEFT vs the frozen floor, eager and compiled.
 
-One run measures every variant, each in its own fresh process (so peak memory is its own), on the
-same model, seed and batches, and prints a table of medians and ratios:
+Variants (``--variants``):
 
-- ``full``: every weight trains (AdamW).
-- ``floor``: the frozen base; forward + backward with activation gradients only, no optimizer.
-  LoRA cannot be cheaper than this.
-- ``peft-*`` / ``lorakit-*``: LoRA r=8 on q,v and r=16 on all linear layers, lorakit as it runs by
-  default (the fused op of ``ops/fused.py`` on CUDA, the plain torch reference ops on CPU).
-- Ablations of lorakit: ``reference-*`` (the torch reference ops forced), ``fused-*`` (the fused op
-  forced, also on CPU), ``ungrouped-*`` (the fused op, one call per layer: no shared q|k|v and
-  gate|up projections), ``keep-*`` (``REBUILD_INPUTS = False``: every adapted layer's input is
-  kept, SwiGLU's product too), ``rebuild-*`` (``REBUILD_INPUTS = True``: RMSNorm's outputs are
-  rebuilt in backward as well, ``ops/rebuild.py``), ``cublas-*`` (``FUSED_B_GRADS = False``: g·B
-  and gᵀ·low as two cuBLAS matmuls, each reading g, even in a captured step, where lorakit uses
-  the one-read Triton kernel), ``bgrads-*`` (``FUSED_B_GRADS = True``: that kernel in eager steps too).
+- ``floor``: the frozen base, no adapters, no optimizer; forward + backward with activation
+  gradients only (the input embeddings require grad, so gradients flow through every layer into
+  no weight). LoRA cannot be cheaper than this.
+- ``lorakit``: ``lorakit.inject(model, LoraConfig(...))``, nothing else set.
+- ``peft``: ``peft.get_peft_model`` with the same r, alpha and targets, dropout 0.
+- ``full`` (not in the default list): every weight trains.
 
-``--cuda-graphs`` captures each variant's whole step (forward, backward, optimizer) in one CUDA
-graph after the warm-up steps and times its replays: every variant then runs at the GPU's speed,
-with no host launch cost, which is how a launch-bound model is trained fast in practice.
+Targets (``--targets``): ``all-linear`` (r=16, alpha 32) and ``qv`` (q_proj, v_proj; r=8, alpha 16).
+Modes: ``--compile off,on`` (``torch.compile(model)``, ``--compile-mode``) × ``--autocast off,bf16``.
+Base weights bf16 on CUDA (fp32 on CPU), adapters as each library makes them (fp32), AdamW
+(``fused=True`` on CUDA), random batches, seeded random weights (``--shape``).
 
-The optimizer is AdamW for every variant that has one; on CUDA its fused implementation
-(``fused=True``, one kernel for all parameters), for PEFT and full fine-tuning alike.
+Each (shape, targets, variant, mode) row runs in a fresh process with its own empty compile cache,
+so peaks and caches do not leak between rows. A row times ``--warmup`` untimed steps (the first
+one includes the compile) and ``--steps`` timed steps, and reports the median step, tokens/s, its
+ratio to the floor of the same mode (compiled to compiled, eager to eager), peak memory and its
+ratio to the floor, the slowest timed step over the median (steadiness) and the first step's time.
+Rows run most important first; the JSON is rewritten after every row, and ``--time-budget`` skips
+rows that would not fit, so a time limit loses nothing that was measured. ``--resume FILE`` keeps
+the measured rows of an earlier run and measures only the rest.
 
-CPU (this repo's default): SmolLM2-135M, float32, batch 4 × 128; peak memory is the process's
-peak RSS. GPU: a Llama of TinyLlama-1.1B's shape with random weights, bf16, sdpa attention,
-batch 8 × 1024; peak memory is ``torch.cuda.max_memory_allocated``.
+``--interleave`` is the CPU comparison: every variant in one process, taking turns step by step on
+the same batches, so machine noise hits each alike; it reports ratios of medians.
 
-    .venv/bin/python benchmarks/train_speed.py                 # CPU table
-    python benchmarks/train_speed.py --device cuda             # GPU table
-    python benchmarks/train_speed.py --device cuda --cuda-graphs   # GPU table, each step one graph
-    python benchmarks/train_speed.py --check-equivalence       # lorakit vs PEFT: same loss after 20 steps
-    .venv/bin/python benchmarks/train_speed.py --interleave lorakit-qv-r8,peft-qv-r8 --steps 20   # one-process ratio
-    python benchmarks/train_speed.py --device cuda --phases floor,lorakit-all-r16   # is a phase host-bound?
-    .venv/bin/python benchmarks/train_speed.py --count-ops floor,fused-all-r16,peft-all-r16   # host work
-    .venv/bin/python benchmarks/train_speed.py --host-proxy floor,fused-all-r16,peft-all-r16 --steps 40
+    .venv/bin/python benchmarks/train_speed.py --device cpu --shape tiny --steps 2 --warmup 1 \\
+        --out /tmp/train_speed_smoke.json                                   # smoke test
+    .venv/bin/python benchmarks/train_speed.py --interleave --shape smollm2 --steps 20
+    python benchmarks/train_speed.py --device cuda --shape tinyllama --time-budget 510
+    python benchmarks/train_speed.py --device cuda --shape tinyllama,llama3-8b --time-budget 510 \\
+        --resume benchmarks/results/train_speed_cuda.json
 
-Writes ``benchmarks/results/train_speed_<device>.json``.
+Writes ``benchmarks/results/train_speed_<device>.json`` (``--out``), or
+``train_interleaved_<device>.json`` for ``--interleave``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
+import datetime
 import json
+import os
 import platform
 import resource
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 RESULTS = Path(__file__).parent / "results"
-VARIANTS = ["floor", "full", "peft-qv-r8", "lorakit-qv-r8", "fused-qv-r8", "peft-all-r16", "lorakit-all-r16",
-            "fused-all-r16"]
-LIBRARIES = ("lorakit", "reference", "fused", "ungrouped", "keep", "rebuild", "cublas", "bgrads")
-LORA = {  # variant suffix -> (rank, alpha, targets)
-    "qv-r8": (8, 16, ["q_proj", "v_proj"]),
-    "all-r16": (16, 32, "all-linear"),
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A Llama's shape and the batch it trains on."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    batch: int
+    seq: int
+    tie_embeddings: bool = False
+    rope_theta: float = 10000.0
+
+
+SHAPES = {
+    "tiny": Shape(128, 344, 4, 4, 2, 1024, 2, 64),  # CPU smoke runs
+    "smollm2": Shape(576, 1536, 30, 9, 3, 49152, 4, 128, tie_embeddings=True),  # SmolLM2-135M
+    "tinyllama": Shape(2048, 5632, 22, 32, 4, 32000, 8, 1024),  # TinyLlama-1.1B
+    "llama3-8b": Shape(4096, 14336, 32, 32, 8, 128256, 4, 2048, rope_theta=500000.0),  # Llama-3-8B
 }
+LORA = {  # --targets name -> (rank, alpha, target_modules)
+    "all-linear": (16, 32, "all-linear"),
+    "qv": (8, 16, ["q_proj", "v_proj"]),
+}
+VARIANTS = ("floor", "lorakit", "peft", "full")  # the order rows of one mode run in
 
 
-def build_model(device: str):
-    """SmolLM2-135M (float32) on CPU; TinyLlama-1.1B's shape (bf16, random weights) on CUDA."""
-    if device == "cpu":
-        from lorakit.models import load_causal_lm
+@dataclass(frozen=True)
+class Row:
+    """One measurement: a variant of a shape in one mode. ``targets`` is None for floor and full."""
 
-        model, _ = load_causal_lm("default", dtype=torch.float32)
-        return model
+    shape: str
+    variant: str
+    targets: str | None
+    compile: bool
+    autocast: bool
+
+    @property
+    def mode(self) -> str:
+        return f"{'compiled' if self.compile else 'eager'}{' + bf16 autocast' if self.autocast else ''}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.shape} {self.variant}{' ' + self.targets if self.targets else ''}, {self.mode}"
+
+
+def plan(args) -> list[Row]:
+    """The rows, most important first: per shape, per targets, compiled before eager and autocast
+    before none; in each mode floor, lorakit, peft. The floor of a mode runs once, with the first
+    targets that need it."""
+    modes = sorted(((c, a) for c in args.compile for a in args.autocast), key=lambda m: (not m[0], not m[1]))
+    rows: list[Row] = []
+    for shape in args.shape:
+        for targets in args.targets:
+            for compiled, autocast in modes:
+                for variant in [v for v in VARIANTS if v in args.variants]:
+                    row = Row(shape, variant, targets if variant in ("lorakit", "peft") else None, compiled, autocast)
+                    if row not in rows:
+                        rows.append(row)
+    return rows
+
+
+# --- one row, in its own process ---------------------------------------------------------------
+
+
+def build_model(shape: Shape, args):
+    """A Llama of ``shape`` with seeded random weights in ``args.dtype``, made on the device."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                      num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
-                      attn_implementation="sdpa")
+    cfg = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+                      num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+                      num_key_value_heads=shape.kv_heads, max_position_embeddings=max(2048, shape.seq),
+                      tie_word_embeddings=shape.tie_embeddings, rope_theta=shape.rope_theta,
+                      attn_implementation=args.attention)
     torch.manual_seed(0)
-    with torch.device(device):
-        return LlamaForCausalLM(cfg).to(torch.bfloat16)
+    dtype = getattr(torch, args.dtype)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # made in the weights' dtype: an 8B model never exists in fp32
+    try:
+        with torch.device(args.device):
+            return LlamaForCausalLM(cfg).train()
+    finally:
+        torch.set_default_dtype(default)
 
 
-def prepare(model, variant: str):
+def prepare(model, row: Row):
     """Set up the variant in place; returns (model, trainable parameters)."""
-    if variant == "full":
+    if row.variant == "full":
         return model, list(model.parameters())
-    if variant == "floor":
-        model.requires_grad_(False)
-        model.enable_input_require_grads()  # gradients flow through every layer, into no weight
+    if row.variant == "floor":
+        model.requires_grad_(False)  # the embeddings' output requires grad instead, see `forward`
         return model, []
-    library, suffix = variant.split("-", 1)
-    r, alpha, targets = LORA[suffix]
-    if library == "peft":
+    r, alpha, targets = LORA[row.targets]
+    if row.variant == "peft":
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0))
@@ -100,439 +164,341 @@ def prepare(model, variant: str):
         import lorakit
 
         lorakit.inject(model, lorakit.LoraConfig(r=r, alpha=alpha, target_modules=targets))
-        import lorakit.ops.fused
-
-        if library in ("keep", "rebuild"):
-            lorakit.ops.fused.REBUILD_INPUTS = library == "rebuild"
-        if library in ("cublas", "bgrads"):
-            lorakit.ops.fused.FUSED_B_GRADS = library == "bgrads"
-        for module in model.modules():
-            if isinstance(module, lorakit.LoraLayer) and library != "lorakit":
-                module.use_fused_op = library != "reference"
-                if library == "ungrouped":
-                    module.shared_input = None
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
-def step_work(model, opt, ids: torch.Tensor, device: str) -> torch.Tensor:
-    """Forward (bf16 autocast on CUDA), backward and optimizer step; returns the loss, unsynchronized."""
-    with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-        loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    if opt is not None:
-        opt.step()
-    return loss.detach()
+def forward(model, embed, ids: torch.Tensor, autocast: bool):
+    """The loss. For the floor (``embed`` given) the embeddings are looked up outside the model and
+    made to require grad: the same work as ``enable_input_require_grads``, whose hook breaks
+    torch.compile's graph."""
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
+        if embed is None:
+            return model(input_ids=ids, labels=ids).loss
+        return model(inputs_embeds=embed(ids).detach().requires_grad_(), labels=ids).loss
 
 
-def train_step(model, opt, ids: torch.Tensor, device: str, losses: list | None = None) -> float:
-    """One eager training step; returns its wall time in seconds (and appends the loss to ``losses``)."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    loss = step_work(model, opt, ids, device)
-    if opt is not None:
-        opt.zero_grad(set_to_none=True)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    if losses is not None:
-        losses.append(loss.item())
-    return seconds
-
-
-class GraphedStep:
-    """The whole training step (forward, backward, optimizer) captured once in a CUDA graph and
-    replayed: the host issues one launch a step instead of thousands, so the step takes the GPU's
-    time. Every variant is captured the same way; the optimizer must be ``capturable``. Gradients
-    are set to None before capture, so each replay writes them afresh, as eager steps with
-    ``zero_grad(set_to_none=True)`` do. The batch is copied into a fixed input tensor first."""
-
-    def __init__(self, model, opt, example: torch.Tensor, device: str) -> None:
-        self.ids = example.clone()
-        side = torch.cuda.Stream()  # warm-up on a side stream, as torch's capture recipe asks
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                step_work(model, opt, self.ids, device)
-                if opt is not None:
-                    opt.zero_grad(set_to_none=True)
-        torch.cuda.current_stream().wait_stream(side)
-        if opt is None:  # the floor: no optimizer, and nothing may hold a gradient across replays
-            model.zero_grad(set_to_none=True)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.loss = step_work(model, opt, self.ids, device)
-
-    def __call__(self, ids: torch.Tensor, losses: list | None = None) -> float:
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        self.ids.copy_(ids)
-        self.graph.replay()
-        torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        if losses is not None:
-            losses.append(self.loss.item())
-        return seconds
-
-
-def setup(variant: str, args):
-    """(model ready to train, its AdamW or None, trainable parameter count, the 4 batches)."""
-    model = build_model(args.device)
-    model.train()
-    model, params = prepare(model, variant)
-    opt = (torch.optim.AdamW(params, lr=1e-4, fused=args.device == "cuda", capturable=args.cuda_graphs)
-           if params else None)
+def measure(row: Row, args) -> dict:
+    """Time training steps of one row in this process."""
+    shape = SHAPES[row.shape]
+    batch, seq = args.batch or shape.batch, args.seq or shape.seq
+    cuda = args.device == "cuda"
+    model, params = prepare(build_model(shape, args), row)
+    embed = model.get_input_embeddings() if row.variant == "floor" else None
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=cuda) if params else None
+    if row.compile:
+        model = torch.compile(model, mode=None if args.compile_mode == "default" else args.compile_mode)
+    graphed = row.compile and args.compile_mode in ("reduce-overhead", "max-autotune")  # CUDA graph trees
     g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g).to(args.device)
-               for _ in range(4)]
-    return model, opt, sum(p.numel() for p in params), batches
+    batches = [torch.randint(0, shape.vocab, (batch, seq), generator=g).to(args.device) for _ in range(4)]
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    with sdpa_backend(args.sdpa_backend):
+        for k in range(args.warmup + args.steps):
+            sync()
+            start = time.perf_counter()
+            if graphed:
+                torch.compiler.cudagraph_mark_step_begin()
+            loss = forward(model, embed, batches[k % len(batches)], row.autocast)
+            loss.backward()
+            if opt is not None:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            sync()
+            times.append(time.perf_counter() - start)
+            losses.append(loss.item())
+    timed = times[args.warmup:]
+    median = statistics.median(timed)
+    result = {
+        "median_step_s": median, "tokens_per_s": batch * seq / median, "slowest_over_median": max(timed) / median,
+        "first_step_s": times[0], "peak_bytes": (torch.cuda.max_memory_allocated() if cuda else
+                                                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
+        "batch": batch, "seq": seq, "trainable_params": sum(p.numel() for p in params),
+        "adapter_dtypes": sorted({str(p.dtype) for p in params}), "step_times_s": times, "losses": losses,
+    }
+    if cuda:
+        result["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
+    if row.compile:
+        from torch._dynamo.utils import counters
+
+        result["graphs"] = counters["stats"]["unique_graphs"]
+        result["graph_breaks"] = sum(counters["graph_break"].values())
+    return result
 
 
-def attention_backend(args):
-    """A context that pins SDPA's backend (``--attention``), or one that leaves torch's choice."""
-    if args.attention == "default":
+def sdpa_backend(name: str):
+    """A context that pins SDPA's backend, or one that leaves torch's choice."""
+    if name == "default":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([{"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-                         "efficient": SDPBackend.EFFICIENT_ATTENTION}[args.attention]])
+                         "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]])
 
 
-def measure(variant: str, args) -> dict:
-    """Time training steps of one variant in this process."""
-    with attention_backend(args):
-        return _measure(variant, args)
+# --- the matrix: one process per row -----------------------------------------------------------
 
 
-def _measure(variant: str, args) -> dict:
-    model, opt, n_trainable, batches = setup(variant, args)
-    if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    losses = []
-    step = lambda ids: train_step(model, opt, ids, args.device, losses)  # noqa: E731
-    if args.cuda_graphs:  # eager warm-up steps (groups learned, kernels tuned), then capture
-        for k in range(args.warmup):
-            step(batches[k % len(batches)])
-        step = GraphedStep(model, opt, batches[0], args.device)
-        step = functools.partial(step, losses=losses)
-    times = [step(batches[k % len(batches)]) for k in range(args.warmup + args.steps)][args.warmup:]
-    if args.device == "cuda":
-        peak = torch.cuda.max_memory_allocated()
-    else:  # ru_maxrss is KiB on Linux
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    median = statistics.median(times)
-    return {"variant": variant, "median_step_s": median, "tokens_per_s": args.batch * args.seq / median,
-            "peak_bytes": peak, "trainable_params": n_trainable, "step_times_s": times, "losses": losses}
-
-
-def interleave(pair: str, args) -> dict:
-    """Step-time ratio of two variants measured in one process, alternating steps on the same
-    batches: on a small, noisy machine this is steadier than two separate runs (no memory figure)."""
-    names = pair.split(",")
-    setups = [(name, *setup(name, args)) for name in names]
-    times = {name: [] for name in names}
-    for step in range(args.warmup + args.steps):
-        for name, model, opt, _, batches in (setups if step % 2 == 0 else setups[::-1]):  # alternate who goes first
-            seconds = train_step(model, opt, batches[step % len(batches)], args.device)
-            if step >= args.warmup:
-                times[name].append(seconds)
-    a, b = names
-    ratios = sorted(x / y for x, y in zip(times[a], times[b]))
-    q = len(ratios) // 4
-    result = {"pair": names, "steps": args.steps, "median_s": {n: statistics.median(t) for n, t in times.items()},
-              "ratio_median": statistics.median(ratios), "ratio_iqr": [ratios[q], ratios[-q - 1]], "step_times_s": times}
-    print(f"{a} / {b}: step time {result['ratio_median']:.3f}× (per-step ratios, IQR "
-          f"{ratios[q]:.3f}–{ratios[-q - 1]:.3f}; medians {result['median_s'][a]:.3f} s vs {result['median_s'][b]:.3f} s)")
+def run_row(row: Row, args, timeout: float | None) -> dict:
+    """Measure ``row`` in a fresh process (own process group, own compile cache); a failure or a
+    timeout becomes a row with its error, never an exception here."""
+    spec = json.dumps({"row": asdict(row), "args": vars(args)})
+    cache = tempfile.mkdtemp(prefix="train_speed_compile_") if args.compile_cache == "fresh" else None
+    env = dict(os.environ, **({"TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": os.path.join(cache, "triton")}
+                              if cache else {}))
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, __file__, "--one", spec], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        status = "ok" if proc.returncode == 0 else "failed"
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the row's process and its compile workers
+        out, err = proc.communicate()
+        status, err = "timeout", f"killed after {timeout:.0f} s\n{err}"
+    finally:
+        if cache:
+            shutil.rmtree(cache, ignore_errors=True)
+    result = {**asdict(row), "mode": row.mode, "status": status, "wall_s": time.perf_counter() - start}
+    line = next((ln for ln in out.splitlines() if ln.startswith("RESULT ")), None)
+    if status == "ok" and line:
+        result.update(json.loads(line[len("RESULT "):]))
+    else:
+        result["status"] = "failed" if status == "ok" else status
+        result["error"] = err[-4000:] or f"exit code {proc.returncode}, no output"
     return result
 
 
-def phases(variant: str, args) -> dict:
-    """Per phase (forward, backward, optimizer): how long the host takes to issue its work, and how
-    long until the device has done it. Where the two are close, the phase is bound by the host."""
-    model, opt, _, batches = setup(variant, args)
+def add_ratios(rows: list[dict]) -> None:
+    """Speed and memory of each measured row over the floor of its shape and mode, and of lorakit
+    over PEFT with the same targets and mode."""
+    def find(r, variant, targets):
+        return next((x for x in rows if x["status"] == "ok" and x["variant"] == variant and x["targets"] == targets
+                     and (x["shape"], x["compile"], x["autocast"]) == (r["shape"], r["compile"], r["autocast"])), None)
+
+    for r in (r for r in rows if r["status"] == "ok"):
+        others = {"floor": find(r, "floor", None), "peft": find(r, "peft", r["targets"]) if r["variant"] == "lorakit"
+                  else None}
+        for name, other in others.items():
+            if other is not None:
+                r[f"speed_vs_{name}"] = r["tokens_per_s"] / other["tokens_per_s"]
+                r[f"memory_vs_{name}"] = r["peak_bytes"] / other["peak_bytes"]
+
+
+def run_matrix(args) -> None:
+    rows = plan(args)
+    kept = {}
+    if args.resume:
+        for r in json.loads(Path(args.resume).read_text())["rows"]:
+            if r["status"] == "ok":
+                kept[Row(r["shape"], r["variant"], r["targets"], r["compile"], r["autocast"])] = r
+    out = Path(args.out or RESULTS / f"train_speed_{args.device}.json")
+    start = time.perf_counter()
+    longest: dict[tuple, float] = {}  # (shape, compiled) -> the longest such row so far, seconds
+    results = []
+    for i, row in enumerate(rows):
+        left = args.time_budget - (time.perf_counter() - start) if args.time_budget else None
+        if row in kept:
+            results.append(kept[row])
+            continue
+        guess = longest.get((row.shape, row.compile),  # else a smaller shape's row of the same kind, if any
+                            max((t for (_, c), t in longest.items() if c == row.compile), default=None))
+        if left is not None and (left <= 0 or (guess is not None and guess > left)):
+            results.append({**asdict(row), "mode": row.mode, "status": "skipped",
+                            "error": f"time budget: {max(left, 0):.0f} s left, such a row took {guess or 0:.0f} s"})
+            print(f"[{i + 1}/{len(rows)}] {row.label}: skipped (time budget)", file=sys.stderr, flush=True)
+        else:  # a row of a new kind may run past the budget by the grace, no further
+            timeout = args.row_timeout if left is None else min(args.row_timeout, left + args.grace)
+            result = run_row(row, args, timeout)
+            results.append(result)
+            longest[(row.shape, row.compile)] = max(result["wall_s"], longest.get((row.shape, row.compile), 0))
+            print(f"[{i + 1}/{len(rows)}] {row.label}: {result['status']} in {result['wall_s']:.0f} s"
+                  + (f", {result['median_step_s'] * 1e3:.1f} ms/step" if result["status"] == "ok" else
+                     "\n    " + result["error"].strip().splitlines()[-1][:300]), file=sys.stderr, flush=True)
+        add_ratios(results)
+        write_json(out, report(args, results, complete=False))
+    write_json(out, report(args, results, complete=True))
+    print_table(results, args)
+    print(f"\nwrote {out}")
+
+
+def report(args, rows: list[dict], complete: bool) -> dict:
+    """The JSON document: environment, arguments, rows (``complete`` False while a run is going)."""
+    from importlib.metadata import version
+
+    def git(*cmd):
+        try:
+            return subprocess.run(["git", *cmd], capture_output=True, text=True, timeout=10,
+                                  cwd=Path(__file__).parent.parent).stdout.strip() or None
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+
+    return {
+        "benchmark": "train_speed", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": args.device, "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+        "cpu": platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "transformers": version("transformers"), "peft": version("peft"),
+        "git_commit": git("rev-parse", "HEAD"), "git_changed_src": git("status", "--porcelain", "src"),
+        "args": {k: v for k, v in vars(args).items() if k != "one"},
+        "shapes": {name: asdict(SHAPES[name]) for name in args.shape}, "complete": complete, "rows": rows,
+    }
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Write atomically (temp file, then rename): a run killed mid-write leaves the previous file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def print_table(rows: list[dict], args) -> None:
+    unit, scale = ("GiB", 2**30) if args.device == "cuda" else ("GB RSS", 1e9)
+    print(f"\ntraining step, {args.device}, {args.dtype} weights, median of {args.steps} steps after "
+          f"{args.warmup} warm-up steps (first one timed separately), compile mode {args.compile_mode}")
+    head = (f"{'shape':<10} {'targets':<10} {'variant':<8} {'mode':<27} {'ms/step':>8} {'tok/s':>9} {'×floor':>7} "
+            f"{'peak ' + unit:>11} {'×floor':>7} {'×peft':>6} {'slowest':>8} {'first s':>8}")
+    print(head + "\n" + "-" * len(head))
+    for r in rows:
+        start = f"{r['shape']:<10} {r['targets'] or '-':<10} {r['variant']:<8} {r['mode']:<27}"
+        if r["status"] != "ok":
+            print(f"{start} {r['status']}: {r['error'].strip().splitlines()[-1][:80] if r.get('error') else ''}")
+            continue
+        ratio = lambda key: f"{r[key]:.3f}" if key in r else "-"  # noqa: E731
+        print(f"{start} {r['median_step_s'] * 1e3:>8.1f} {r['tokens_per_s']:>9,.0f} {ratio('speed_vs_floor'):>7} "
+              f"{r['peak_bytes'] / scale:>11.2f} {ratio('memory_vs_floor'):>7} {ratio('speed_vs_peft'):>6} "
+              f"{r['slowest_over_median']:>8.3f} {r['first_step_s']:>8.1f}")
+    print("×floor: tokens/s (or peak) over the floor of the same shape and mode; ×peft: lorakit's tokens/s over "
+          "PEFT's; slowest: the slowest timed step over the median")
+
+
+# --- interleaved: every variant in one process, taking turns ----------------------------------
+
+
+def interleave(args) -> None:
+    """Step times of several variants in one process, alternating step by step on the same batches
+    (the order rotates each round): steadier than separate runs on a small, noisy machine. No
+    memory figures (one process holds every model)."""
+    shape = SHAPES[args.shape[0]]
+    batch, seq = args.batch or shape.batch, args.seq or shape.seq
+    compiled, autocast = args.compile[0], args.autocast[0]
+    rows = [r for r in plan(args) if (r.compile, r.autocast, r.shape) == (compiled, autocast, args.shape[0])]
+    setups = []
+    for row in rows:
+        model, params = prepare(build_model(shape, args), row)
+        opt = torch.optim.AdamW(params, lr=1e-4, fused=args.device == "cuda") if params else None
+        embed = model.get_input_embeddings() if row.variant == "floor" else None
+        setups.append((row, torch.compile(model) if compiled else model, opt, embed))
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, shape.vocab, (batch, seq), generator=g).to(args.device) for _ in range(4)]
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
-    rows = {name: {"host": [], "wall": []} for name in ("forward", "backward", "optimizer")}
+    times = {row: [] for row in rows}
     for step in range(args.warmup + args.steps):
-        ids = batches[step % len(batches)]
-
-        def forward():
-            with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.device == "cuda"):
-                return model(input_ids=ids, labels=ids).loss
-
-        def optimize():
+        turn = step % len(setups)
+        for row, model, opt, embed in setups[turn:] + setups[:turn]:
+            sync()
+            start = time.perf_counter()
+            forward(model, embed, batches[step % len(batches)], autocast).backward()
             if opt is not None:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-
-        sync()
-        loss = None
-        for name, work in (("forward", forward), ("backward", lambda: loss.backward()), ("optimizer", optimize)):
-            start = time.perf_counter()
-            out = work()
-            issued = time.perf_counter()
             sync()
             if step >= args.warmup:
-                rows[name]["host"].append(issued - start)
-                rows[name]["wall"].append(time.perf_counter() - start)
-            loss = out if name == "forward" else loss
-    result = {name: {k: statistics.median(v) for k, v in r.items()} for name, r in rows.items()}
-    for name, r in result.items():
-        print(f"{variant} {name:<9}: host {r['host'] * 1e3:7.1f} ms, until done {r['wall'] * 1e3:7.1f} ms")
-    return {"variant": variant, "phases_s": result}
+                times[row].append(time.perf_counter() - start)
+    result = [{**asdict(row), "mode": row.mode, "median_step_s": statistics.median(t), "step_times_s": t}
+              for row, t in times.items()]
+    print(f"\ninterleaved in one process: {args.shape[0]}, batch {batch} × {seq}, {args.device}, {rows[0].mode}, "
+          f"median of {args.steps} steps after {args.warmup} warm-up steps")
+    for r in result:
+        print(f"{r['variant']:<8} {r['targets'] or '-':<10} {r['median_step_s'] * 1e3:9.1f} ms/step")
+    pairs = []
+    for targets in args.targets:
+        ours = next((r for r in result if (r["variant"], r["targets"]) == ("lorakit", targets)), None)
+        theirs = next((r for r in result if (r["variant"], r["targets"]) == ("peft", targets)), None)
+        if ours and theirs:
+            per_round = sorted(a / b for a, b in zip(ours["step_times_s"], theirs["step_times_s"]))
+            q = len(per_round) // 4
+            pairs.append({"targets": targets, "lorakit_over_peft": ours["median_step_s"] / theirs["median_step_s"],
+                          "per_round_median": statistics.median(per_round),
+                          "per_round_iqr": [per_round[q], per_round[-q - 1]]})
+            print(f"lorakit / PEFT, {targets}: step time {pairs[-1]['lorakit_over_peft']:.3f}× (ratio of medians; "
+                  f"per-round ratios median {pairs[-1]['per_round_median']:.3f}, IQR "
+                  f"{per_round[q]:.3f}–{per_round[-q - 1]:.3f})")
+    out = Path(args.out or RESULTS / f"train_interleaved_{args.device}.json")
+    payload = report(args, result, complete=True)
+    payload["benchmark"], payload["lorakit_vs_peft"] = "train_speed --interleave", pairs
+    write_json(out, payload)
+    print(f"wrote {out}")
 
 
-def host_proxy(variants: list[str], args) -> list[dict]:
-    """Host time per phase on the CPU, for a model of TinyLlama's depth (22 layers, the same modules)
-    but tiny width (hidden 64, 8 tokens, one thread), where the arithmetic is negligible: what is
-    left is Python and dispatch, the work a GPU step's host does. All variants live in one process
-    and alternate, so machine noise hits each alike; medians and minimums of ``args.steps`` steps."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.set_num_threads(1)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=176, num_hidden_layers=22,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      attn_implementation="sdpa")
-    runs = {}
-    for variant in variants:
-        torch.manual_seed(0)
-        model, params = prepare(LlamaForCausalLM(cfg).train(), variant)
-        runs[variant] = (model, torch.optim.AdamW(params, lr=1e-4) if params else None)
-    ids = torch.randint(0, cfg.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
-    times = {v: {"forward": [], "backward": [], "optimizer": []} for v in variants}
-    for step in range(args.warmup + args.steps):
-        for variant in (variants if step % 2 else variants[::-1]):
-            model, opt = runs[variant]
-            t0 = time.perf_counter()
-            loss = model(input_ids=ids, labels=ids).loss
-            t1 = time.perf_counter()
-            loss.backward()
-            t2 = time.perf_counter()
-            if opt is not None:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            t3 = time.perf_counter()
-            if step >= args.warmup:
-                for phase, seconds in zip(times[variant], (t1 - t0, t2 - t1, t3 - t2)):
-                    times[variant][phase].append(seconds)
-    rows = []
-    for variant, phases_ in times.items():
-        row = {"variant": variant, **{f"{phase}_median_s": statistics.median(t) for phase, t in phases_.items()},
-               **{f"{phase}_min_s": min(t) for phase, t in phases_.items()}}
-        rows.append(row)
-        print(f"{variant:<18} " + "  ".join(f"{phase} {row[phase + '_median_s'] * 1e3:6.2f} ms (min "
-                                            f"{row[phase + '_min_s'] * 1e3:6.2f})" for phase in phases_))
-    return rows
+def comma_list(choices):
+    """An argparse type: comma-separated names, each one of ``choices``."""
+    def parse(text: str) -> list[str]:
+        names = [x for x in text.split(",") if x]
+        wrong = [x for x in names if x not in choices]
+        if wrong or not names:
+            raise argparse.ArgumentTypeError(f"{','.join(wrong) or text!r}: choose from {', '.join(choices)}")
+        return names
+    return parse
 
 
-def count_ops(variant: str, args) -> dict:
-    """Torch operator calls per phase of one training step (after two warm-up steps, so groups and
-    casts are settled): what the host pays for, independent of how fast this machine is."""
-    from collections import Counter
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.calls = Counter()
-
-        def __torch_dispatch__(self, func, types, args_=(), kwargs=None):
-            self.calls[str(func.overloadpacket)] += 1
-            return func(*args_, **(kwargs or {}))
-
-    model, opt, _, batches = setup(variant, args)
-    for _ in range(2):
-        train_step(model, opt, batches[0], args.device)
-    counts = {name: Count() for name in ("forward", "backward", "optimizer")}
-    with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.device == "cuda"):
-        with counts["forward"]:
-            loss = model(input_ids=batches[0], labels=batches[0]).loss
-    with counts["backward"]:
-        loss.backward()
-    if opt is not None:
-        with counts["optimizer"]:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-    result = {name: sum(c.calls.values()) for name, c in counts.items()}
-    print(f"{variant}: torch calls forward {result['forward']}, backward {result['backward']}, "
-          f"optimizer {result['optimizer']}")
-    return {"variant": variant, "calls": result,
-            "top": {name: c.calls.most_common(12) for name, c in counts.items()}}
-
-
-def profile(variant: str, args) -> str:
-    """torch.profiler table (top operators by device time) of a few steps of one variant."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
-
-    model, opt, _, batches = setup(variant, args)
-    for _ in range(3):
-        train_step(model, opt, batches[0], args.device)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
-    with torch_profile(activities=activities) as prof:
-        for _ in range(3):
-            train_step(model, opt, batches[0], args.device)
-    key = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60)
-
-
-def check_equivalence(args) -> dict:
-    """lorakit and PEFT compute the same function: from one initial adapter (random B, so the
-    check is not trivial), 20 AdamW steps on the same batches give the same losses."""
-    import copy
-
-    import lorakit
-    from peft import LoraConfig, get_peft_model
-
-    device = args.device
-    base = build_model(device)
-    r, alpha, targets = LORA["qv-r8"]
-    ours = lorakit.inject(copy.deepcopy(base), lorakit.LoraConfig(r=r, alpha=alpha, target_modules=targets))
-    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=alpha, target_modules=targets))
-    g = torch.Generator().manual_seed(1)
-    lookup = {n: m for n, m in theirs.base_model.model.named_modules()}
-    with torch.no_grad():
-        for name, layer in ours.named_modules():
-            if isinstance(layer, lorakit.LoraLayer):
-                layer.lora_B["default"].copy_(torch.randn(layer.lora_B["default"].shape, generator=g) * 0.01)
-                lookup[name].lora_A["default"].weight.copy_(layer.lora_A["default"])
-                lookup[name].lora_B["default"].weight.copy_(layer.lora_B["default"])
-    losses = {}
-    data = torch.Generator().manual_seed(2)
-    batches = [torch.randint(0, base.config.vocab_size, (2, 64), generator=data).to(device) for _ in range(20)]
-    for label, model in (("lorakit", ours), ("peft", theirs)):
-        model.train()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-        losses[label] = []
-        for ids in batches:
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-                loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses[label].append(loss.item())
-    diff = max(abs(a - b) for a, b in zip(losses["lorakit"], losses["peft"]))
-    print(f"loss after 20 steps: lorakit {losses['lorakit'][-1]:.6f}, peft {losses['peft'][-1]:.6f}, "
-          f"max |Δloss| over the 20 steps {diff:.2e}")
-    return {"losses": losses, "max_abs_loss_diff": diff}
-
-
-def write_results(kind: str, results: list[dict], args) -> None:
-    """``results/train_<kind>_<device>.json`` with the run's settings."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"train_{kind}_{args.device}.json").write_text(json.dumps(
-        {"device": args.device, "batch": args.batch, "seq": args.seq, "torch": torch.__version__,
-         "results": results}, indent=2) + "\n")
+def on_off(on: str):
+    """An argparse type: ``off``, ``on`` or both, comma-separated, as booleans."""
+    return lambda text: [x == on for x in comma_list(["off", on])(text)]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--batch", type=int)
-    p.add_argument("--seq", type=int)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, help="untimed steps first (default 5 on CUDA, where lorakit's "
-                   "first timed steps ran slow in one run, 2 on CPU)")
-    p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--attention", default="default", choices=["default", "cudnn", "flash", "efficient"],
-                   help="pin SDPA's backend for every variant (default: torch's choice, which may differ "
-                   "between eager steps and a graph capture)")
-    p.add_argument("--cuda-graphs", action="store_true", help="capture each variant's whole step in a CUDA "
-                   "graph and time replays (GPU time, no launch cost); writes train_speed_cuda_graphs.json")
-    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one variant, print JSON
-    p.add_argument("--check-equivalence", action="store_true")
-    p.add_argument("--profile", metavar="VARIANT", help="print and save a torch.profiler table of VARIANT")
-    p.add_argument("--phases", metavar="A,B", help="host time vs time until done, per phase, for each "
-                   "variant; writes train_phases_<device>.json")
-    p.add_argument("--count-ops", metavar="A,B", help="torch operator calls per phase of one step, for "
-                   "each variant (the host's work); writes train_ops_<device>.json")
-    p.add_argument("--host-proxy", metavar="A,B", help="host time per phase on CPU for a 22-layer model of "
-                   "tiny width (Python and dispatch only), variants alternating in one process; writes "
-                   "train_host_cpu.json")
-    p.add_argument("--interleave", metavar="A,B[;C,D…]", help="step-time ratios of pairs of variants, "
-                   "each pair in one process with alternating steps; writes train_interleaved_<device>.json")
+    p.add_argument("--shape", type=comma_list(list(SHAPES)), help="comma-separated shapes: " + ", ".join(
+        f"{n} ({s.batch} × {s.seq})" for n, s in SHAPES.items()) + "; default tinyllama on CUDA, smollm2 on CPU")
+    p.add_argument("--variants", type=comma_list(VARIANTS), default=["floor", "lorakit", "peft"])
+    p.add_argument("--targets", type=comma_list(list(LORA)), default=list(LORA))
+    p.add_argument("--compile", type=on_off("on"), default=[True, False], help="off,on (default both)")
+    p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune",
+                                                                 "max-autotune-no-cudagraphs"])
+    p.add_argument("--compile-cache", default="fresh", choices=["fresh", "shared"], help="fresh: every row "
+                   "compiles with an empty inductor/Triton cache (honest first-step times); shared: the usual one")
+    p.add_argument("--autocast", type=on_off("bf16"), default=[True, False], help="off,bf16 (default both)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], help="base weights (default "
+                   "bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"])
+    p.add_argument("--sdpa-backend", default="default", choices=["default", "cudnn", "flash", "efficient", "math"])
+    p.add_argument("--batch", type=int, help="override every shape's batch")
+    p.add_argument("--seq", type=int, help="override every shape's sequence length")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per row")
+    p.add_argument("--warmup", type=int, help="untimed steps first, the compile included (default 5 on CUDA, 2 on CPU)")
+    p.add_argument("--time-budget", type=float, help="seconds for the whole matrix: a row that would not fit "
+                   "(judged by the longest row so far of its shape, compiled or eager) is skipped and recorded as such")
+    p.add_argument("--grace", type=float, default=45, help="seconds a row may run past the budget before it is killed")
+    p.add_argument("--row-timeout", type=float, default=900, help="seconds before one row is killed")
+    p.add_argument("--resume", metavar="JSON", help="keep the measured rows of this earlier output; measure the rest")
+    p.add_argument("--out", help="output JSON (default benchmarks/results/train_speed_<device>.json, or "
+                   "train_interleaved_<device>.json with --interleave)")
+    p.add_argument("--interleave", action="store_true", help="all variants and targets in one process, one mode "
+                   "(the first of --compile and of --autocast), alternating steps; default eager, no autocast")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one row, print RESULT json
     args = p.parse_args()
-    args.batch = args.batch or (8 if args.device == "cuda" else 4)
-    args.warmup = args.warmup if args.warmup is not None else (5 if args.device == "cuda" else 2)
-    args.seq = args.seq or (1024 if args.device == "cuda" else 128)
-    if args.cuda_graphs and args.device != "cuda":
-        p.error("--cuda-graphs needs --device cuda")
 
     if args.one:
-        print("RESULT " + json.dumps(measure(args.one, args)))
+        spec = json.loads(args.one)
+        print("RESULT " + json.dumps(measure(Row(**spec["row"]), argparse.Namespace(**spec["args"]))))
         return
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        p.error("--device cuda, but torch sees no GPU")
+    args.shape = args.shape or ["tinyllama" if cuda else "smollm2"]
+    args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 2)
     if args.interleave:
-        write_results("interleaved", [interleave(pair, args) for pair in args.interleave.split(";")], args)
-        return
-    if args.host_proxy:
-        args.device = "cpu"
-        write_results("host", host_proxy(args.host_proxy.split(","), args), args)
-        return
-    if args.count_ops:
-        write_results("ops", [count_ops(variant, args) for variant in args.count_ops.split(",")], args)
-        return
-    if args.phases:
-        write_results("phases", [phases(variant, args) for variant in args.phases.split(",")], args)
-        return
-    if args.profile:
-        table = profile(args.profile, args)
-        print(table)
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / f"profile_{args.profile}_{args.device}.txt").write_text(table + "\n")
-        return
-    if args.check_equivalence:
-        result = check_equivalence(args)
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / f"train_equivalence_{args.device}.json").write_text(json.dumps(result, indent=2) + "\n")
-        return
-
-    rows = []
-    for variant in args.variants.split(","):
-        cmd = [sys.executable, __file__, "--one", variant, "--device", args.device, "--batch", str(args.batch),
-               "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup)]
-        cmd += ["--attention", args.attention] + (["--cuda-graphs"] if args.cuda_graphs else [])
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if line is None:
-            print(f"{variant}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
-            continue
-        rows.append(json.loads(line[len("RESULT "):]))
-        print(f"measured {variant}", file=sys.stderr)
-
-    by = {r["variant"]: r for r in rows}
-    floor = by.get("floor")
-    unit = "GiB" if args.device == "cuda" else "GB RSS"
-    scale = 2**30 if args.device == "cuda" else 1e9
-    mode = (", whole step in a CUDA graph" if args.cuda_graphs else "") + (
-        f", {args.attention} attention" if args.attention != "default" else "")
-    print(f"\ntraining step, batch {args.batch} × {args.seq}, {args.device}{mode}, median of {args.steps} steps")
-    print(f"{'variant':<18} {'tokens/s':>10} {'s/step':>8} {'peak ' + unit:>12} {'trainable':>12} "
-          f"{'speed/floor':>11} {'mem/floor':>9}")
-    for r in rows:
-        speed = r["tokens_per_s"] / floor["tokens_per_s"] if floor else float("nan")
-        mem = r["peak_bytes"] / floor["peak_bytes"] if floor else float("nan")
-        r["speed_vs_floor"], r["memory_vs_floor"] = speed, mem
-        print(f"{r['variant']:<18} {r['tokens_per_s']:>10,.0f} {r['median_step_s']:>8.3f} "
-              f"{r['peak_bytes'] / scale:>12.2f} {r['trainable_params']:>12,} {speed:>10.2f}× {mem:>8.2f}×")
-    ratios = {}
-    for suffix in LORA:
-        theirs = by.get(f"peft-{suffix}")
-        for library in LIBRARIES:
-            ours = by.get(f"{library}-{suffix}")
-            if ours and theirs:
-                key = f"{library}-{suffix}"
-                ratios[key] = {"step_time_over_peft": ours["median_step_s"] / theirs["median_step_s"],
-                               "peak_over_peft": ours["peak_bytes"] / theirs["peak_bytes"]}
-                print(f"{key} / PEFT: step time {ratios[key]['step_time_over_peft']:.3f}×, "
-                      f"peak memory {ratios[key]['peak_over_peft']:.3f}×")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out_file = RESULTS / f"train_speed_{args.device}{'_graphs' if args.cuda_graphs else ''}.json"
-    out_file.write_text(json.dumps({
-        "benchmark": "train_speed", "device": args.device, "batch": args.batch, "seq": args.seq,
-        "steps": args.steps, "cuda_graphs": args.cuda_graphs, "attention": args.attention, "torch": torch.__version__, "machine": platform.machine(),
-        "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
-        "rows": rows, "lorakit_vs_peft": ratios,
-    }, indent=2) + "\n")
-    print(f"\nwrote {out_file}")
+        if "--compile" not in sys.argv:
+            args.compile = [False]
+        if "--autocast" not in sys.argv:
+            args.autocast = [False]
+        interleave(args)
+    else:
+        run_matrix(args)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""An injected model works under torch.compile (no graph breaks in LoRA layers) and with
-transformers' gradient checkpointing, computing the same values and gradients as eager."""
+"""An injected model under torch.compile: one graph (no breaks), the same values and gradients as
+eager (float32 1e-5, bfloat16 1e-2 relative), with dropout and under routing; and transformers'
+gradient checkpointing gives the same adapter gradients."""
 
 from __future__ import annotations
 
@@ -13,13 +14,10 @@ import lorakit
 from conftest import randomize_adapters, tiny_llama
 
 
-def injected(dropout: float = 0.0, fused: bool | None = None):
-    model = tiny_llama()
+def injected(dropout: float = 0.0, dtype=torch.float32):
+    model = tiny_llama().to(dtype)
     lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, dropout=dropout, target_modules="all-linear"))
     randomize_adapters(model)
-    for module in model.modules():
-        if isinstance(module, lorakit.LoraLayer):
-            module.use_fused_op = fused
     return model
 
 
@@ -27,50 +25,100 @@ def lora_grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def assert_close_rel(got, want, rel):
+    """‖got − want‖ <= rel·‖want‖: relative error of the whole tensor, as rounding spreads in bf16."""
+    got, want = got.double(), want.double()
+    assert got.shape == want.shape
+    error = (got - want).norm().item() / max(want.norm().item(), 1e-30)
+    assert error <= rel, f"relative error {error:.3g} > {rel:g}"
+
+
 @pytest.mark.parametrize("training", [False, True])
-@pytest.mark.parametrize("fused", [None, True])
-def test_no_graph_breaks_in_an_injected_model(tokens, training, fused):
+def test_no_graph_breaks_in_an_injected_model(tokens, training):
     import torch._dynamo as dynamo
 
-    model = injected(dropout=0.1, fused=fused).train(training)
-    explanation = dynamo.explain(model)(tokens)
-    assert explanation.graph_break_count == 0, explanation.break_reasons
-
-
-def test_compiled_layer_matches_eager_values_and_gradients():
     torch._dynamo.reset()
-    layer = injected().model.layers[0].mlp.up_proj
-    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
-    x = torch.randn(2, 5, 32, requires_grad=True)
-    eager_out = layer(x)
-    eager_out.square().sum().backward()
-    expected = {n: p.grad.clone() for n, p in layer.named_parameters() if p.requires_grad}, x.grad.clone()
-    for p in layer.parameters():
-        p.grad = None
-    x.grad = None
-    out = compiled(x)
-    out.square().sum().backward()
-    torch.testing.assert_close(out, eager_out)
-    for n, p in layer.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, expected[0][n])
-    torch.testing.assert_close(x.grad, expected[1])
+    model = injected(dropout=0.1).train(training)
+    explanation = dynamo.explain(model)(tokens, labels=tokens)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_gradient_checkpointing_gives_the_same_adapter_gradients(tokens, fused):
-    plain = injected(fused=fused).train()
+def run_step(run, model, tokens, seed=11):
+    torch.manual_seed(seed)
+    model.zero_grad(set_to_none=True)
+    out = run(input_ids=tokens, labels=tokens)
+    out.loss.backward()
+    return out.logits.detach(), lora_grads(model)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_compiled_model_matches_eager_values_and_gradients(tokens, dropout):
+    """Inductor, fullgraph, float32. With dropout, Inductor is told to draw random numbers as eager
+    does (``fallback_random``), so both draw the same dropout seeds from torch's generator."""
+    import torch._inductor.config as inductor_config
+
+    torch._dynamo.reset()
+    model = injected(dropout=dropout).train()
+    with inductor_config.patch(fallback_random=True):
+        eager_logits, eager_grads = run_step(model, model, tokens)
+        logits, grads = run_step(torch.compile(model, fullgraph=True), model, tokens)
+    assert_close_rel(logits, eager_logits, 1e-5)
+    assert eager_grads.keys() == grads.keys() and len(grads) == 2 * 7 * 2  # A, B × 7 linears × 2 layers
+    for name in grads:
+        assert_close_rel(grads[name], eager_grads[name], 1e-5)
+
+
+def test_compiled_bf16_model_is_as_close_to_float64_as_eager():
+    """In bf16, compiled and eager round differently (Inductor keeps float32 inside fused kernels):
+    on this tiny model they differ by up to ~2% in some adapter gradients, as much as the frozen
+    base model's own compiled and eager gradients differ. So both are held to a float64 copy of the
+    model: the logits and all adapter gradients together within 1e-2 relative or no worse than
+    1.25× eager's own error, and each gradient tensor within 1e-2 or 2× eager's error for it."""
+    torch._dynamo.reset()
+    tokens = torch.randint(0, 100, (4, 32), generator=torch.Generator().manual_seed(3))
+    model = injected().train()
+    model64 = copy.deepcopy(model).double()
+    truth_logits, truth_grads = run_step(model64, model64, tokens)
+    model = model.to(torch.bfloat16)
+    eager = run_step(model, model, tokens)
+    compiled = run_step(torch.compile(model, fullgraph=True), model, tokens)
+
+    def error(a, b):
+        return ((a.double() - b.double()).norm() / b.double().norm()).item()
+    assert error(compiled[0], truth_logits) <= max(1e-2, 1.25 * error(eager[0], truth_logits))
+    flat = {key: torch.cat([g[n].flatten() for n in truth_grads]) for key, g in
+            (("truth", truth_grads), ("eager", eager[1]), ("compiled", compiled[1]))}
+    assert error(flat["compiled"], flat["truth"]) <= max(1e-2, 1.25 * error(flat["eager"], flat["truth"]))
+    for name in truth_grads:
+        bound = max(1e-2, 2 * error(eager[1][name], truth_grads[name]))
+        assert error(compiled[1][name], truth_grads[name]) <= bound, name
+
+
+def test_compiled_routing_matches_eager(tokens):
+    torch._dynamo.reset()
+    model = tiny_llama()
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear"), name="a")
+    lorakit.inject(model, lorakit.LoraConfig(r=2, alpha=4, target_modules="all-linear"), name="b")
+    randomize_adapters(model)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    for choice in (["a", "b"], ["b", None]):
+        with lorakit.route(model, choice):
+            torch.testing.assert_close(compiled(tokens).logits, model(tokens).logits, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_gradient_checkpointing_gives_the_same_adapter_gradients(tokens, compile):
+    torch._dynamo.reset()
+    plain = injected().train()
     checkpointed = copy.deepcopy(plain)
     checkpointed.gradient_checkpointing_enable()
     assert checkpointed.is_gradient_checkpointing
-    for step in range(2):  # the second step runs the fused op's q|k|v and gate|up groups
-        for model in (plain, checkpointed):
-            model.zero_grad(set_to_none=True)
-            model(input_ids=tokens, labels=tokens).loss.backward()
-        expected, got = lora_grads(plain), lora_grads(checkpointed)
-        assert expected.keys() == got.keys() and len(got) == 2 * 7 * 2  # A, B × 7 linears × 2 layers
-        for name in expected:
-            torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)
-    if fused:
-        attention = checkpointed.model.layers[0].self_attn
-        assert attention.q_proj.shared_input.followers_of(attention.q_proj) == (attention.k_proj, attention.v_proj)
+    runs = {plain: plain, checkpointed: torch.compile(checkpointed, backend="aot_eager") if compile else checkpointed}
+    for model, run in runs.items():
+        model.zero_grad(set_to_none=True)
+        run(input_ids=tokens, labels=tokens).loss.backward()
+    expected, got = lora_grads(plain), lora_grads(checkpointed)
+    assert expected.keys() == got.keys() and len(got) == 2 * 7 * 2
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)

@@ -10,7 +10,7 @@ from torch import nn
 
 import lorakit
 from lorakit.config import ConfigError
-from lorakit.layers import LoraConv, LoraEmbedding, LoraFusedLinear, LoraLinear, TrainableCopy
+from lorakit.layers import LoraConv, LoraEmbedding, LoraSlicedLinear, LoraLinear, TrainableCopy
 
 from conftest import randomize_adapters, tiny_gpt2, tiny_llama
 
@@ -180,7 +180,7 @@ def test_gpt2_fused_c_attn_paper_setting(gpt2, tokens):
     cfg = lorakit.LoraConfig(r=4, target_modules=["c_attn"], fused_projections={"c_attn": [True, False, True]})
     lorakit.inject(gpt2, cfg)
     layer = gpt2.transformer.h[0].attn.c_attn
-    assert isinstance(layer, LoraFusedLinear) and layer.fan_in_fan_out
+    assert isinstance(layer, LoraSlicedLinear) and layer.fan_in_fan_out
     assert torch.equal(gpt2(tokens).logits, expected)
     assert lorakit.trainable_parameters(gpt2)[0] == 2 * 2 * 4 * (32 + 32)  # layers × {q,v} × r × (d_in+d_slice)
     with pytest.raises(ConfigError, match="fused_projections names 'c_proj'"):

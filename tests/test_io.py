@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 import lorakit
 import lorakit.io as lio
 from lorakit.inject import lora_state
-from lorakit.layers import LoraFusedLinear
+from lorakit.layers import LoraSlicedLinear
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -280,7 +280,7 @@ def test_fused_adapter_loads_back_as_fused(case: Case, tmp_path: Path) -> None:
     loaded = lorakit.load_adapter(copy.deepcopy(base), tmp_path)
 
     layers = [m for n, m in loaded.named_modules() if n.endswith("c_attn")]
-    assert len(layers) == 2 and all(type(m) is LoraFusedLinear for m in layers)
+    assert len(layers) == 2 and all(type(m) is LoraSlicedLinear for m in layers)
     assert all(m.slices == (True, False, True) for m in layers)
     assert_close_and_adapted(logits(loaded), logits(model), logits(base))
 

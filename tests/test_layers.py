@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lorakit.layers import LoraConv, LoraEmbedding, LoraFusedLinear, LoraLinear, MergeError
+from lorakit.layers import LoraConv, LoraEmbedding, LoraLinear, LoraSlicedLinear, MergeError
 
 G = torch.Generator().manual_seed(0)
 
@@ -147,7 +147,7 @@ def test_safe_merge_refuses_non_finite_and_leaves_weight():
 def test_fused_projection_adapts_only_chosen_slices():
     for base in (nn.Linear(8, 12), Conv1D(12, 8)):
         nn.init.normal_(base.weight)
-        layer = LoraFusedLinear(base, [True, False, True], "attn.c_attn")
+        layer = LoraSlicedLinear(base, [True, False, True], "attn.c_attn")
         layer.add_adapter("default", r=2, alpha=4)
         layer.set_active(["default"])
         randomize(layer)
@@ -171,7 +171,7 @@ def test_fused_projection_adapts_only_chosen_slices():
 
 def test_fused_projection_rejects_uneven_split():
     with pytest.raises(ValueError, match="do not split into 3 equal slices"):
-        LoraFusedLinear(nn.Linear(4, 10), [True, False, True], "c_attn")
+        LoraSlicedLinear(nn.Linear(4, 10), [True, False, True], "c_attn")
 
 
 def test_grouped_conv_gives_clear_error():
@@ -207,10 +207,12 @@ def test_dropout_touches_the_adapter_path_only():
     A, B = layer.lora_A["default"], layer.lora_B["default"]
     x = rand(64, 16)
     layer.train()
+    from lorakit.ops.lora_linear import _keep_mask, draw_seed
+
     torch.manual_seed(5)
     out = layer(x)
     torch.manual_seed(5)
-    dropped = layer.lora_dropout["default"](x)  # the same mask the forward drew
+    dropped = x * _keep_mask(x, 0.5, draw_seed(0.5))  # the mask the forward made from its seed
     assert (dropped == 0).float().mean() > 0.3
     assert torch.allclose(out, base(x) + (dropped @ A.T) @ B.T, atol=1e-5)
     layer.eval()

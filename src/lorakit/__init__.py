@@ -10,11 +10,12 @@ from .config import ConfigError, LoraConfig
 from .inject import delete_adapter, inject, unload
 from .io import AdapterFileError, load_adapter, save_adapter
 from .layers import LoraLayer, MergeError
+from .routing import route
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LoraConfig", "inject", "save_adapter", "load_adapter", "use", "disabled", "merge", "unmerge",
-    "switch", "unload", "trainable_parameters", "delete_adapter", "active_adapters", "adapter_names",
+    "switch", "route", "unload", "trainable_parameters", "delete_adapter", "active_adapters", "adapter_names",
     "LoraLayer", "ConfigError", "AdapterFileError", "MergeError",
 ]

@@ -49,6 +49,11 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--text-pair-column")
     p.add_argument("--label-column", default="label")
     p.add_argument("--device", default="auto")
+    compiling = p.add_mutually_exclusive_group()
+    compiling.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                           help="torch.compile the training step; auto: on CUDA only (default: %(default)s)")
+    compiling.add_argument("--no-compile", dest="compile", action="store_const", const="off",
+                           help="train eagerly: the same as --compile off")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun, shard the model across processes (FSDP2) instead of one copy each (DDP)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
 from .config import ALL_LINEAR, ConfigError, LoraConfig, layer_index, name_matches
-from .layers import LoraFusedLinear, LoraLayer, TrainableCopy, is_dense, lora_class_for
-from .layers.casts import AdapterCasts
-from .layers.linear import LoraLinear, link_siblings
+from .layers import LoraLayer, TrainableCopy, is_linear_family, kind_of, lora_class_for, refusal, registered_kinds
 
 
 @dataclass
@@ -23,37 +21,6 @@ class LoraState:
     configs: dict[str, LoraConfig] = field(default_factory=dict)
     active: list[str] = field(default_factory=list)
     requires_grad: dict[str, bool] = field(default_factory=dict)
-    shared_inputs: list = field(default_factory=list)  # SharedInput groups of sibling LoraLinears
-    linears: list = field(default_factory=list)  # every LoraLinear, for the casts below
-    casts: AdapterCasts = field(default_factory=AdapterCasts)  # their adapters in the compute dtype
-
-
-def _start_of_forward(model: nn.Module, args) -> None:
-    """Forward pre-hook on the injected model: sibling groups learned during the previous forward
-    take effect now, never in the middle of a forward (a checkpointed block's recomputation must
-    run the very ops its first forward ran). Then every fused layer's adapter casts are brought up
-    to date in one go (`AdapterCasts`)."""
-    state = model.__dict__.get("lora_state")
-    if state is not None:
-        for group in state.shared_inputs:
-            group.promote()
-        state.casts.refresh(state.linears, state.shared_inputs)
-
-
-def _end_of_forward(model: nn.Module, args, output) -> None:
-    """Forward hook on the injected model: the layers' tickets for this forward lapse."""
-    state = model.__dict__.get("lora_state")
-    if state is not None:
-        state.casts.end()
-
-
-def _link_siblings(model: nn.Module, state: LoraState) -> None:
-    state.shared_inputs = link_siblings(model)
-    state.linears = [m for m in model.modules() if isinstance(m, LoraLinear)]
-    if not any(hook is _start_of_forward for hook in model._forward_pre_hooks.values()):
-        model.register_forward_pre_hook(_start_of_forward)
-    if not any(hook is _end_of_forward for hook in model._forward_hooks.values()):
-        model.register_forward_hook(_end_of_forward)
 
 
 def lora_state(model: nn.Module) -> LoraState:
@@ -95,16 +62,24 @@ def _output_head(model: nn.Module) -> nn.Module | None:
     return _base_of(head) if head is not None else None
 
 
+# Parents that read a child's weight themselves and never call its forward: a LoRA wrapper there
+# would be bypassed (nn.MultiheadAttention hands out_proj.weight to F.multi_head_attention_forward).
+_READ_BY_PARENT = (nn.MultiheadAttention,)
+
+
 def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
     """The modules ``config`` adapts, as (name, module); raises when there are none, or when a
-    name given matches a module lorakit cannot adapt."""
+    module selected (by name or by "all-linear") is one lorakit cannot adapt. Changes nothing."""
     head = _output_head(model)
     saved = config.modules_to_save or ()
-    targets = []
+    all_linear = config.target_modules == ALL_LINEAR
+    targets, bypassed = [], []
     for name, module in walk(model):
         base = _base_of(module)
-        if config.target_modules == ALL_LINEAR:
-            if not is_dense(base) or base is head or (saved and name_matches(name, saved)):
+        if all_linear:
+            # is_linear_family, not is_dense: an unknown subclass of nn.Linear is refused below,
+            # never silently left out.
+            if not is_linear_family(base) or base is head or (saved and name_matches(name, saved)):
                 continue
         elif not name_matches(name, config.target_modules):
             continue
@@ -112,10 +87,31 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
             continue
         if config.layers_to_transform is not None and layer_index(name) not in config.layers_to_transform:
             continue
-        if isinstance(module, TrainableCopy) or lora_class_for(base) is None:
-            raise ConfigError(f"target_modules matches {name!r}, a {type(base).__name__}; lorakit adapts "
-                              f"nn.Linear, transformers Conv1D, nn.Embedding and nn.Conv1d/2d/3d only")
+        if isinstance(module, TrainableCopy):
+            raise ConfigError(f"target_modules matches {name!r}, which an adapter on this model trains as a "
+                              f"full copy (modules_to_save); it cannot carry LoRA as well")
+        why = refusal(base)
+        if why is not None:
+            raise ConfigError(f"target_modules matches {name!r}, a {why}")
+        parent_name = name.rpartition(".")[0]
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if isinstance(parent, _READ_BY_PARENT):
+            if all_linear:
+                bypassed.append(name)
+                continue
+            raise ConfigError(f"target_modules matches {name!r}, inside a {type(parent).__name__}, which reads "
+                              f"its weight directly and never calls its forward, so LoRA there would have no "
+                              f"effect; lorakit does not adapt {type(parent).__name__} (exclude it)")
+        kind = kind_of(base)
+        if config.fused_slices_for(name) is not None and kind.sliced_class is None:
+            sliceable = ", ".join(k.name for k in registered_kinds() if k.sliced_class)
+            raise ConfigError(f"fused_projections names {name!r}, a {kind.name}; only {sliceable} can be "
+                              f"adapted by slices")
         targets.append((name, module))
+    if bypassed:
+        warnings.warn(f'target_modules="all-linear" leaves out {bypassed[:3]}{" ..." if len(bypassed) > 3 else ""}: '
+                      f"their parent reads their weight directly and never calls their forward, so LoRA "
+                      f"there would have no effect", stacklevel=3)
     if not targets:
         raise ConfigError(f"target_modules={config.target_modules!r} matches no module of this "
                           f"{type(model).__name__}; modules it could adapt: {candidate_names(model)}")
@@ -184,7 +180,6 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default", *,
     for _, module in lora_modules(model):
         module.set_active(state.active)
     _freeze_all_but(model, name, config)
-    _link_siblings(model, state)
     return model
 
 
@@ -210,18 +205,21 @@ def _wrap(model: nn.Module, module_name: str, module: nn.Module, config: LoraCon
     if isinstance(module, LoraLayer):
         existing = getattr(module, "slices", None)
         if (slices is None) != (existing is None) or (slices is not None and tuple(slices) != existing):
-            raise ConfigError(f"{module_name} already carries adapters with fused slices {existing}; "
+            raise ConfigError(f"{module_name} already carries adapters with fused_projections slices {existing}; "
                               f"a new adapter there must use the same (got {slices})")
         return module
-    if slices is not None:
-        if not is_dense(module):
-            raise ConfigError(f"fused_projections names {module_name}, a {type(module).__name__}; "
-                              f"fused projections must be nn.Linear or Conv1D")
-        layer = LoraFusedLinear(module, slices, module_name)
-    else:
-        layer = lora_class_for(module)(module, module_name)
+    layer = new_layer(module_name, module, slices)
     layer.train(module.training)  # a new wrapper must not switch an eval model's dropout on
     return _replace(model, module_name, layer)
+
+
+def new_layer(module_name: str, base: nn.Module, slices: Sequence[bool] | None = None) -> LoraLayer:
+    """A fresh LoRA layer of base's kind around it (its sliced class when ``slices`` is given);
+    find_targets has checked that the kind has one."""
+    kind = kind_of(base)
+    if kind is None:
+        raise ConfigError(f"{module_name} is a {refusal(base)}")
+    return kind.lora_class(base, module_name) if slices is None else kind.sliced_class(base, slices, module_name)
 
 
 def _replace(model: nn.Module, module_name: str, new: nn.Module) -> nn.Module:
@@ -269,8 +267,6 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     if not state.configs:
         _restore_requires_grad(model, state)
         del model.__dict__["lora_state"]
-    else:
-        _link_siblings(model, state)  # some wrappers may be gone
 
 
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:

@@ -22,8 +22,9 @@ from torch import nn
 
 from .config import ConfigError, LoraConfig, name_matches
 from .files import atomic_write_files
-from .inject import _base_of, _find_saved, check_adapter_name, delete_adapter, find_targets, inject, lora_modules, lora_state, walk
-from .layers import LoraEmbedding, LoraFusedLinear, LoraLayer, TrainableCopy, lora_class_for
+from .inject import (_base_of, _find_saved, check_adapter_name, delete_adapter, find_targets, inject, lora_modules,
+                     lora_state, new_layer, walk)
+from .layers import LoraLayer, LoraSlicedLinear, TrainableCopy, factor_key, kind_of, peft_factor_keys
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -54,8 +55,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         peft_json["target_modules"] = [n for n, m in lora_modules(model)
                                        if isinstance(m, LoraLayer) and name in m.lora_A]
         peft_json["layers_to_transform"] = None
-    fused = [(n, m) for n, m in lora_modules(model) if isinstance(m, LoraFusedLinear) and name in m.lora_A]
-    for module_name, layer in fused:
+    sliced = [(n, m) for n, m in lora_modules(model) if isinstance(m, LoraSlicedLinear) and name in m.lora_A]
+    for module_name, layer in sliced:
         # PEFT has no slices: it sees rank n_a·r over the whole output, so α is scaled to keep s.
         n = layer.n_adapted
         key = re.escape(module_name)
@@ -80,14 +81,11 @@ def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     for module_name, module in lora_modules(model):
         key = PREFIX + module_name
         if isinstance(module, LoraLayer) and name in module.lora_A:
-            if isinstance(module, LoraEmbedding):
-                tensors[f"{key}.lora_embedding_A"] = module.lora_A[name]
-                tensors[f"{key}.lora_embedding_B"] = module.lora_B[name]
-            else:
-                A, B = module.dense_factors(name) if isinstance(module, LoraFusedLinear) \
-                    else (module.lora_A[name], module.lora_B[name])
-                tensors[f"{key}.lora_A.weight"] = A
-                tensors[f"{key}.lora_B.weight"] = B
+            A, B = module.dense_factors(name) if isinstance(module, LoraSlicedLinear) \
+                else (module.lora_A[name], module.lora_B[name])
+            key_a, key_b = peft_factor_keys(module)  # each layer kind owns its PEFT key names
+            tensors[f"{key}.{key_a}"] = A
+            tensors[f"{key}.{key_b}"] = B
             bias = getattr(module.base_layer, "bias", None)
             if config.bias == "lora_only" and bias is not None:
                 tensors[f"{key}.base_layer.bias"] = bias
@@ -150,7 +148,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.T
         except (ConfigError, TypeError, ValueError) as e:
             raise AdapterFileError(f"{weights_file}: bad lorakit metadata ({e})") from None
         _check_same_config(config, own, config_file, weights_file)
-        config = own  # it also knows what PEFT's JSON cannot say (fused slices, init)
+        config = own  # it also knows what PEFT's JSON cannot say (fused_projections slices, init)
     return config, tensors
 
 
@@ -167,7 +165,7 @@ def _check_same_config(from_json: LoraConfig, own: LoraConfig, config_file: Path
             del d["target_modules"], d["layers_to_transform"]  # save_adapter wrote the module names
         return d
     json_fields, own_fields = fields(from_json), fields(own)
-    if own.fused_projections:  # rank/alpha patterns of the fused modules come on top of the user's
+    if own.fused_projections:  # rank/alpha patterns of the sliced modules come on top of the user's
         for name in ("rank_pattern", "alpha_pattern"):
             json_fields[name] = {k: v for k, v in json_fields[name].items() if k in own_fields[name]}
     differ = [f"{k}: {json_fields[k]!r} vs {own_fields[k]!r}" for k in own_fields if json_fields[k] != own_fields[k]]
@@ -204,16 +202,16 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     try:
         inject(model, config, name, dtype=dtype)
-    except ConfigError as e:  # e.g. a layer that already carries adapters with other fused slices
+    except ConfigError as e:  # e.g. a layer that already carries adapters with other slices
         raise AdapterFileError(f"{config_file} does not fit this {type(model).__name__}: {e}") from None
     overwritten: list[tuple[torch.Tensor, torch.Tensor]] = []  # base tensors and their old values
     try:
         with torch.no_grad():
             for _, (kind, module_name, attr, value) in plan.items():
                 module = model.get_submodule(module_name)
-                if kind == "lora" and isinstance(module, LoraFusedLinear) and attr == "A":
+                if kind == "lora" and isinstance(module, LoraSlicedLinear) and attr == "A":
                     module.load_dense_factors(name, value, plan[("B", module_name)][3])
-                elif kind == "lora" and not isinstance(module, LoraFusedLinear):
+                elif kind == "lora" and not isinstance(module, LoraSlicedLinear):
                     table = module.lora_A if attr == "A" else module.lora_B
                     table[name].copy_(value)
                 elif kind == "saved":
@@ -260,14 +258,20 @@ def _plan(model, config, tensors, probes, saved, weights_file) -> dict:
             raise AdapterFileError(f"{weights_file}: key {key!r} does not start with {PREFIX!r}; "
                                    f"it is not in PEFT's layout")
         rest = key[len(PREFIX):]
-        m = re.fullmatch(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)", rest)
-        if m:
-            module_name, which = m.group(1), m.group(2)
+        factor = factor_key(rest)
+        if factor is not None:
+            module_name, attr = factor.module, factor.factor
             if module_name not in probes:
                 raise AdapterFileError(f"{weights_file}: {key} is for {module_name}, which the adapter's "
                                        f"config does not target in this {type(model).__name__} "
                                        f"(adapted modules: {len(probes)}, e.g. {list(probes)[:3]})")
-            attr = "A" if which[-1] == "A" or which.startswith("lora_A") else "B"
+            own = peft_factor_keys(probes[module_name])
+            if factor.suffix not in own:
+                kind = kind_of(probes[module_name].base_layer)
+                raise AdapterFileError(f"{weights_file}: {key} names a factor {factor.suffix!r}, but "
+                                       f"{module_name} is adapted as {kind.name}, whose factors PEFT "
+                                       f"stores as {own[0]!r} and {own[1]!r}; the file was made for "
+                                       f"another model")
             expected = shapes[module_name][0 if attr == "A" else 1]
             _check_shape(weights_file, key, module_name, model, value, expected)
             plan[(attr, module_name)] = ("lora", module_name, attr, value)
@@ -300,13 +304,14 @@ def _plan(model, config, tensors, probes, saved, weights_file) -> dict:
                                    f"(modules_to_save); the file expects the copies to be tied (PEFT's "
                                    f"ensure_weight_tying), which lorakit does not do")
         plan[key] = ("base", module_name, param, value)
-    missing = [f"{n}.lora_{w}" for n in probes for w in "AB" if (w, n) not in plan]
+    missing = [f"{n}.{k}" for n, layer in probes.items() for w, k in zip("AB", peft_factor_keys(layer))
+               if (w, n) not in plan]
     if missing:
         raise AdapterFileError(f"{weights_file}: the config targets modules whose weights the file lacks: "
                                f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
     for module_name, layer in probes.items():
-        if isinstance(layer, LoraFusedLinear):
-            _check_fused(layer, config.rank_for(module_name), plan, module_name, weights_file)
+        if isinstance(layer, LoraSlicedLinear):
+            _check_sliced(layer, config.rank_for(module_name), plan, module_name, weights_file)
     return plan
 
 
@@ -316,19 +321,19 @@ def _probe(module_name: str, module: nn.Module, config: LoraConfig) -> LoraLayer
     base = _base_of(module)
     slices = getattr(module, "slices", None) if isinstance(module, LoraLayer) else \
         config.fused_slices_for(module_name)
-    return LoraFusedLinear(base, slices, module_name) if slices else lora_class_for(base)(base, module_name)
+    return new_layer(module_name, base, slices or None)
 
 
 def _stored_shapes(layer: LoraLayer, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(A shape, B shape) as stored on disk: a fused layer is stored as PEFT sees it (rank n_a·r)."""
-    if isinstance(layer, LoraFusedLinear):
+    """(A shape, B shape) as stored on disk: a sliced layer is stored as PEFT sees it (rank n_a·r)."""
+    if isinstance(layer, LoraSlicedLinear):
         n = layer.n_adapted
         return (n * rank, layer.in_features), (layer.out_features, n * rank)
     return layer.adapter_shapes(rank)
 
 
-def _check_fused(layer: LoraFusedLinear, rank: int, plan: dict, module_name: str, weights_file: Path) -> None:
-    """A fused layer stores only the blocks of its adapted slices; try the file's B on the probe."""
+def _check_sliced(layer: LoraSlicedLinear, rank: int, plan: dict, module_name: str, weights_file: Path) -> None:
+    """A sliced layer stores only the blocks of its adapted slices; try the file's B on the probe."""
     A, B = plan[("A", module_name)][3], plan[("B", module_name)][3]
     layer.add_adapter("_check", rank, 1.0)
     try:

@@ -4,13 +4,13 @@ layers; the base weights W that a model holds for them.
 Every ΔW here is in the "math" layout (d_out, d_in) of eq. 3, h = W0·x + ΔW·x: nn.Linear's own
 layout. Where a module stores its weight otherwise, the base weight is brought to this layout
 (transformers' Conv1D and nn.Embedding are transposed; a convolution's kernel is flattened to
-(c_out, c_in·k…), which is how its ΔW is flattened too), so W and ΔW always line up.
+(c_out, c_in·k…), which is how its ΔW is flattened too), so W and ΔW always line up. Each
+base-layer kind says how (`layers.kinds`: `dense_weight`); key names come from the kinds too.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -20,14 +20,10 @@ from torch import nn
 
 from ..config import LoraConfig, name_matches
 from ..io import PREFIX, read_adapter
-from ..layers import LoraLayer, TrainableCopy
-from ..layers.linear import is_conv1d_transposed
+from ..layers import LoraEmbedding, LoraLayer, TrainableCopy, dense_weight, factor_key, refusal
 
 __all__ = ["AnalysisError", "LayerDelta", "AdapterDeltas", "read_adapter_deltas", "common_layers",
            "base_weights"]
-
-_FACTOR_KEY = re.compile(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)")
-
 
 class AnalysisError(ValueError):
     """Adapters (or an adapter and a model) that cannot be analysed together; says which layer."""
@@ -90,14 +86,13 @@ def read_adapter_deltas(path: str | os.PathLike) -> AdapterDeltas:
     embeddings: set[str] = set()
     ignored = []
     for key, value in tensors.items():
-        m = _FACTOR_KEY.fullmatch(key.removeprefix(PREFIX))
-        if not key.startswith(PREFIX) or not m:
+        factor = factor_key(key.removeprefix(PREFIX)) if key.startswith(PREFIX) else None
+        if factor is None:
             ignored.append(key)
             continue
-        name, which = m.group(1), m.group(2)
-        factors.setdefault(name, {})["A" if which in ("lora_A.weight", "lora_embedding_A") else "B"] = value
-        if which.startswith("lora_embedding"):
-            embeddings.add(name)
+        factors.setdefault(factor.module, {})[factor.factor] = value
+        if any(issubclass(owner, LoraEmbedding) for owner in factor.owners):
+            embeddings.add(factor.module)
     layers = {name: _layer_delta(name, f, name in embeddings, config, path) for name, f in factors.items()}
     return AdapterDeltas(path=str(path), config=config, layers=layers, ignored=ignored)
 
@@ -176,25 +171,18 @@ def base_weights(model: nn.Module, layers: Sequence[LayerDelta]) -> tuple[dict[s
             module = module.base_layer
         elif isinstance(module, TrainableCopy):
             module = module.original_module
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor):
-            skipped[delta.name] = f"the module {delta.name} ({type(module).__name__}) has no weight tensor"
+        why = refusal(module)
+        if why is not None:
+            skipped[delta.name] = f"lorakit cannot read the weight of {delta.name}, a {why}"
             continue
-        W = _math_layout(module, weight.detach()).to(device="cpu", dtype=torch.float64)
+        weight = module.weight
+        W = dense_weight(module).detach().to(device="cpu", dtype=torch.float64)
         if tuple(W.shape) != delta.shape:
             raise AnalysisError(f"layer {delta.name}: the model's weight is {tuple(W.shape)} (d_out, d_in; stored "
                                 f"{tuple(weight.shape)} by {type(module).__name__}) but the adapter's ΔW is "
                                 f"{delta.shape}; the adapter was made for another base model")
         weights[delta.name] = W
     return weights, skipped
-
-
-def _math_layout(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
-    if is_conv1d_transposed(module) or isinstance(module, nn.Embedding):
-        return weight.t()  # Conv1D stores (d_in, d_out); an embedding (vocab, d) = ΔWᵀ
-    if weight.ndim > 2:
-        return weight.flatten(1)  # conv kernel (c_out, c_in, *k) -> (c_out, c_in·k…)
-    return weight
 
 
 def _some(names, n: int = 3) -> str:

@@ -1,32 +1,18 @@
-"""LoRA layer kinds, one per file, and the table that says which base module gets which."""
+"""LoRA layer kinds, one per file, and the registry (`kinds.py`) that says which base module gets which."""
 
 from __future__ import annotations
 
-from torch import nn
-
 from .base import LoraLayer, MergeError
-from .conv import CONV_TYPES, LoraConv
+from .conv import LoraConv
 from .embedding import LoraEmbedding
-from .fused import LoraFusedLinear
-from .linear import LoraLinear, is_conv1d_transposed
+from .kinds import (FactorKey, LayerKind, dense_weight, factor_key, is_dense, is_linear_family, kind_of,
+                    lora_class_for, peft_factor_keys, qualified_name, refusal, register_kind,
+                    registered_kinds)
+from .linear import LoraLinear
 from .saved import TrainableCopy
+from .sliced import LoraSlicedLinear
 
-
-def lora_class_for(module: nn.Module) -> type[LoraLayer] | None:
-    """The LoRA layer kind for a base module, or None when lorakit cannot adapt it."""
-    if isinstance(module, nn.Linear) or is_conv1d_transposed(module):
-        return LoraLinear
-    if isinstance(module, nn.Embedding):
-        return LoraEmbedding
-    if isinstance(module, CONV_TYPES):
-        return LoraConv
-    return None
-
-
-def is_dense(module: nn.Module) -> bool:
-    """A linear layer in the sense of ``target_modules="all-linear"``."""
-    return isinstance(module, nn.Linear) or is_conv1d_transposed(module)
-
-
-__all__ = ["LoraLayer", "LoraLinear", "LoraEmbedding", "LoraConv", "LoraFusedLinear", "TrainableCopy",
-           "MergeError", "lora_class_for", "is_dense"]
+__all__ = ["LoraLayer", "LoraLinear", "LoraEmbedding", "LoraConv", "LoraSlicedLinear", "TrainableCopy",
+           "MergeError", "LayerKind", "FactorKey", "register_kind", "registered_kinds", "kind_of", "lora_class_for",
+           "is_dense", "is_linear_family", "refusal", "dense_weight", "peft_factor_keys", "factor_key",
+           "qualified_name"]

@@ -1,8 +1,10 @@
 """LoraLayer: a frozen base layer plus any number of named adapters (A, B, scaling, dropout).
 
-Subclasses say how an adapter's A and B are shaped and initialised, how its output is computed
-and how ΔW looks in the base weight's layout; this class owns the bookkeeping that is the same
-for every kind: which adapters exist, which are active, which are merged into the base weight.
+Subclasses (one per base-layer kind) say how an adapter's A and B are shaped and initialised, how
+its output is computed and how ΔW looks in the base weight's layout; each adapter's variant
+(`variants/`: plain LoRA, ...) says what the adapter does with them. This class owns the
+bookkeeping that is the same for every kind: which adapters exist, which are active, which are
+merged into the base weight, and which rows a routed forward sends to which adapter.
 """
 
 from __future__ import annotations
@@ -13,13 +15,22 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from .. import variants
+from ..routing import LayerRoute
+
 
 class MergeError(RuntimeError):
     """Merging would write non-finite values into a base weight."""
 
 
 class LoraLayer(nn.Module):
-    """Wraps ``base_layer``; its forward is ``base(x) + Σ_active s·B·A·dropout(x)``."""
+    """Wraps ``base_layer``; its forward is ``base(x) + Σ_active s·B·A·dropout(x)``.
+
+    Under a routing context (`lorakit.route`), ``route`` says which adapter each row of the input
+    uses instead (-1: none); it is set and cleared by the context, never by a forward.
+    """
+
+    peft_factor_keys = ("lora_A.weight", "lora_B.weight")  # A's and B's key suffixes in PEFT's files
 
     def __init__(self, base_layer: nn.Module, module_name: str = "") -> None:
         super().__init__()
@@ -31,9 +42,11 @@ class LoraLayer(nn.Module):
         self.rank: dict[str, int] = {}
         self.alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
+        self.variants: dict[str, variants.Variant] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
+        self.route: LayerRoute | None = None
 
     # --- what each layer kind defines ---------------------------------------------------------
 
@@ -71,10 +84,11 @@ class LoraLayer(nn.Module):
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, *,
                     use_rslora: bool = False, init: str = "kaiming",
-                    dtype: torch.dtype = torch.float32) -> None:
+                    dtype: torch.dtype = torch.float32, variant: str | variants.Variant = "lora") -> None:
         if name in self.lora_A:
             raise ValueError(f"{self.module_name}: adapter {name!r} already exists; delete it first "
                              f"or pick another name")
+        kind = variants.get(variant)
         shape_a, shape_b = self.adapter_shapes(r)
         device = self.base_weight.device
         self.lora_A[name] = nn.Parameter(torch.empty(shape_a, dtype=dtype, device=device))
@@ -83,14 +97,15 @@ class LoraLayer(nn.Module):
         self.rank[name] = r
         self.alpha[name] = alpha
         self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
-        self.init_adapter(name, init)
+        self.variants[name] = kind
+        kind.init(self, name, init)
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             self.unmerge([name])
         for table in (self.lora_A, self.lora_B, self.lora_dropout):
             del table[name]
-        for table in (self.rank, self.alpha, self.scaling):
+        for table in (self.rank, self.alpha, self.scaling, self.variants):
             del table[name]
         if name in self.active_adapters:
             self.active_adapters.remove(name)
@@ -101,12 +116,21 @@ class LoraLayer(nn.Module):
     # --- forward -------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The reference forward: each adapter through its variant, one after another."""
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return result
-        for name in self.active_adapters:
-            if name not in self.merged_adapters:  # a merged adapter is already inside W
-                result = result + self.adapter_output(x, name).to(result.dtype)
+        route = self.route
+        if route is None:
+            for name in self.active_adapters:
+                if name not in self.merged_adapters:  # a merged adapter is already inside W
+                    result = self.variants[name].output(self, x, result, name)
+            return result
+        index = route.aligned_to(result)  # (N, 1, ...) or (N, L, 1, ...)
+        base = result
+        for k, name in enumerate(route.names):
+            routed = self.variants[name].output(self, x, base, name)
+            result = torch.where(index == k, routed, result)
         return result
 
     def _input_for(self, x: torch.Tensor, name: str) -> torch.Tensor:
@@ -132,10 +156,12 @@ class LoraLayer(nn.Module):
 
     @torch.no_grad()
     def merged_weight(self, name: str, sign: int = +1) -> torch.Tensor:
-        """W ± ΔW, accumulated in at least float32 so a bf16/fp16 base rounds once, not per operation."""
+        """The base weight with adapter ``name`` merged in (sign +1) or taken out (-1), computed in at
+        least float32 so a bf16/fp16 base rounds once, not per operation."""
         weight = self.base_weight
-        acc = torch.promote_types(weight.dtype, torch.float32)
-        return weight.to(acc) + sign * self.delta_weight(name).to(acc)
+        acc = weight.to(torch.promote_types(weight.dtype, torch.float32))
+        variant = self.variants[name]
+        return variant.merged_weight(self, name, acc) if sign > 0 else variant.unmerged_weight(self, name, acc)
 
     @torch.no_grad()
     def _add_to_weight(self, name: str, sign: int, safe: bool) -> None:

@@ -16,6 +16,8 @@ class LoraEmbedding(LoraLayer):
     Dropout does not apply: the input is a token id, not a feature vector.
     """
 
+    peft_factor_keys = ("lora_embedding_A", "lora_embedding_B")  # PEFT's names: not modules, plain tensors
+
     def adapter_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         num_embeddings, dim = self.base_layer.weight.shape
         return (r, num_embeddings), (dim, r)

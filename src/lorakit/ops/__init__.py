@@ -1,13 +1,12 @@
 """The LoRA compute, shared by training, merging and serving.
 
-`reference.py` is the plain torch math. `fused.py` is the fused autograd op that LoraLinear uses on
-CUDA (one call for layers that share an input); `tests/test_ops.py` compares it with a float64
-recomputation of the reference. `rebuild.py` recomputes a layer's input in backward from tensors
-autograd keeps anyway (`fused.REBUILD_INPUTS`; by default SwiGLU's product). The Triton kernels sit
-beside their torch references: `triton_ops.py` computes dA from a product's two factors,
-`b_grads.py` g·B with gᵀ·low from one read of g (`tests/test_triton_ops.py`).
+`reference.py` is the plain torch math. `lora_linear.py` is the op every LoraLinear forward calls
+(``torch.ops.lorakit.lora_linear``, a custom op with a fake kernel, autograd and vmap rules, so it
+composes with ``torch.compile``, CUDA graphs and ``torch.func``); `tests/test_ops.py` compares it
+with a float64 recomputation of the reference.
 """
 
+from . import lora_linear as _lora_linear  # registers torch.ops.lorakit.lora_linear
 from .reference import conv_delta_weight, delta_weight, lora_delta
 
 __all__ = ["lora_delta", "delta_weight", "conv_delta_weight"]

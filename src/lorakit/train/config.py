@@ -13,6 +13,7 @@ from typing import Any
 
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
+COMPILE_MODES = ("auto", "on", "off")
 
 
 @dataclass
@@ -45,15 +46,20 @@ class TrainConfig:
     fsdp: bool = False                 # under torchrun, shard the model across processes (FSDP2) instead
                                        # of a full copy per process (DDP): for a base too big for one device
     precision: str = "auto"            # "auto": bf16 autocast on CUDA, float32 on CPU
+    compile: str = "auto"              # torch.compile the training forward: "auto": on CUDA only; "on" | "off"
     progress: bool = True              # tqdm bar and a few printed lines, on rank 0 only
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # a JSON round trip gives a list
+        if isinstance(self.compile, bool):  # YAML reads `compile: off` as False
+            self.compile = "on" if self.compile else "off"
         problems = []
         if self.schedule not in SCHEDULES:
             problems.append(f"schedule={self.schedule!r} is not one of {SCHEDULES}")
         if self.precision not in PRECISIONS:
             problems.append(f"precision={self.precision!r} is not one of {PRECISIONS}")
+        if self.compile not in COMPILE_MODES:
+            problems.append(f"compile={self.compile!r} is not one of {COMPILE_MODES}")
         for name in ("batch_size", "grad_accum", "eval_every", "save_every", "log_every"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")

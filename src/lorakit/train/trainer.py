@@ -64,6 +64,10 @@ def train(model: nn.Module, train_batches: Iterable[Mapping[str, torch.Tensor]],
     `torch.distributed.init_process_group()` itself (train() then leaves the group alone). Every
     rank reads the checkpoint on resume, so out_dir must be on a file system they share.
 
+    `config.compile` ("auto": on CUDA only) runs the training forward and backward under
+    `torch.compile`; evaluation and the files use the plain model. The first step's wall time,
+    compilation included, is logged (`first_step_s` in metrics.jsonl and run.json, and printed).
+
     `config.fsdp` shards the model across the processes instead of copying it (FSDP2, see
     `distributed.shard_model`); the model is then left sharded, and the files are the same as
     under DDP: the whole adapter, gathered for rank 0 to write.
@@ -82,8 +86,9 @@ def _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter
     out = Path(config.out_dir)
     paths = {"adapter": out / "adapter", "best": out / "best", "checkpoint": out / "checkpoint",
              "metrics": out / "metrics.jsonl", "plot": out / "loss.png", "run": out / "run.json"}
-    say = print if (config.progress and d.is_main) else (lambda *a, **k: None)
+    say = tqdm.write if (config.progress and d.is_main) else (lambda *a, **k: None)  # tqdm.write: the bar stays whole
     bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
+    compiled = config.compile == "on" or (config.compile == "auto" and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
     # --- what trains, and how ---------------------------------------------------------------
@@ -154,7 +159,7 @@ def _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter
                 "adapter_bytes": sum(p.numel() * p.element_size() for p in params),
                 "model_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
                 "total_steps": total_steps, "world_size": d.world_size, "device": str(device),
-                "precision": "bf16 autocast" if bf16 else "float32", "torch": torch.__version__,
+                "precision": "bf16 autocast" if bf16 else "float32", "compiled": compiled, "torch": torch.__version__,
                 "lorakit": _lorakit_version(), "resumed_from_step": step if resume else None}
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -162,10 +167,16 @@ def _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter
     say(f"trainable parameters: {n_trainable:,} of {n_total:,} ({100 * n_trainable / max(n_total, 1):.3f}%); "
         f"{total_steps} steps of {config.batch_size}x{config.grad_accum} examples on {d.world_size} process(es)"
         f"{' (FSDP)' if fsdp else ''}, "
-        f"{device}, {run_info['precision']}")
+        f"{device}, {run_info['precision']}{', torch.compile' if compiled else ''}")
 
     # --- the loop -----------------------------------------------------------------------------
     wrapped = distributed.wrap(model, d, device, fsdp=fsdp)
+    # Compiled after DDP/FSDP wrapping, as torch recommends (DDP's graph is then split at its gradient
+    # buckets). Only the training forward runs compiled: `model` itself stays plain, for evaluation,
+    # eval_fn, checkpoints and the saved adapter (its names get no `_orig_mod.` prefix). dynamic=None,
+    # torch's default: a first graph for the first batch's shape; a batch of another length makes
+    # torch compile once more with symbolic sizes, and that graph serves every later length.
+    forward = torch.compile(wrapped) if compiled else wrapped
     # FSDP replaced the parameters with sharded ones (same names): the optimizer holds those.
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     names, params = _in_optimizer_order(named)
@@ -184,7 +195,8 @@ def _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter
     evaluating = eval_batches is not None or eval_fn is not None
     last_row: dict[str, Any] = {}
     eval_metrics: dict[str, float] = {}
-    window_seconds, window_tokens = 0.0, 0  # training time only: evals and saves are left out
+    window_seconds, window_tokens = 0.0, 0  # training time only: evals, saves and the first step are left out
+    first_step_s = None  # this process's first step: with torch.compile, mostly compilation
     try:
         while step < total_steps and not stopped:
             step_start = time.perf_counter()
@@ -198,10 +210,11 @@ def _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter
                 local = {k: v.to(device) if isinstance(v, torch.Tensor) else v
                          for k, v in distributed.shard(batch, d).items()}
                 # The adapter's gradients are reduced once per step, after the last batch.
-                with distributed.gradient_sync(wrapped, d, now=i == len(micro) - 1):
+                with distributed.gradient_sync(wrapped, d, now=i == len(micro) - 1), \
+                        _compile_hint(compiled and first_step_s is None):
                     with autocast():
-                        total, count, _ = compute_loss(wrapped, local, config.label_smoothing, loss_fn)
-                    total.backward()
+                        total, count, _ = compute_loss(forward, local, config.label_smoothing, loss_fn)
+                    total.backward()  # the compiled backward is built here, at its first call
                 sums += torch.stack([total.detach().float(), torch.as_tensor(count, device=device).float()])
             distributed.all_reduce_sum(sums, d)
             # DDP/FSDP averaged the gradients of the ranks' sums; make them the gradient of the step's mean.
@@ -218,18 +231,24 @@ def _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter
             optimizer.zero_grad(set_to_none=True)
             step += 1
             loss = (sums[0] / sums[1].clamp(min=1)).item()  # .item() waits for the GPU: the step is done
-            window_seconds += time.perf_counter() - step_start
-            tokens, window_tokens = tokens + step_tokens, window_tokens + step_tokens
+            tokens = tokens + step_tokens
+            if first_step_s is None:
+                first_step_s = run_info["first_step_s"] = time.perf_counter() - step_start
+                log.write({"step": step, "first_step_s": first_step_s, "compiled": compiled})
+                say(f"step {step} took {first_step_s:.1f} s" + (" (with torch.compile)" if compiled else ""))
+            else:
+                window_seconds += time.perf_counter() - step_start
+                window_tokens += step_tokens
             window = [window[0] + loss, window[1] + 1]
             bar.update(1)
             last_step = step == total_steps
             if step % config.log_every == 0 or last_step:
                 last_row = {"step": step, "epoch": _epoch(train_batches, per_epoch), "loss": window[0] / window[1],
                             "lr": lr, "grad_norm": grad_norm.item(),
-                            "tokens_per_s": window_tokens / max(window_seconds, 1e-9),
+                            "tokens_per_s": window_tokens / window_seconds if window_seconds else None,
                             "tokens": tokens}
                 log.write(last_row)
-                bar.set_postfix(loss=f"{last_row['loss']:.4f}", tok_s=f"{last_row['tokens_per_s']:.0f}")
+                bar.set_postfix(loss=f"{last_row['loss']:.4f}", tok_s=f"{last_row['tokens_per_s'] or 0:.0f}")
                 window, window_seconds, window_tokens = [0.0, 0], 0.0, 0
             evaluated = evaluating and (step % config.eval_every == 0 or last_step)
             if evaluated:
@@ -299,6 +318,19 @@ def _fingerprint(config: TrainConfig, lora_config: Any, adapter_name: str, named
             "trainable_tensors": shapes, "trainable_parameters": sum(p.numel() for _, p in named),
             "world_size": d.world_size, "num_examples": len(getattr(train_batches, "examples", ())) or None,
             **{k: getattr(config, k) for k in same}}
+
+
+@contextlib.contextmanager
+def _compile_hint(first_compiled_step: bool):
+    """On the first compiled step, an error says how to train without torch.compile: it may come from
+    the compiler (no C++ compiler on a CPU, an op Inductor cannot lower), not from the model."""
+    try:
+        yield
+    except Exception as e:
+        if first_compiled_step and hasattr(e, "add_note"):  # Python >= 3.11
+            e.add_note("lorakit: this was the first step, which runs torch.compile; if the error comes from "
+                       "compilation, train without it: TrainConfig(compile='off') (--no-compile)")
+        raise
 
 
 def _in_optimizer_order(named: list[tuple[str, nn.Parameter]]) -> tuple[list[str], list[nn.Parameter]]:

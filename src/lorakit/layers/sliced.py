@@ -1,5 +1,6 @@
-"""LoRA on some slices of a fused projection: one Linear/Conv1D whose output stacks n equal
-projections (GPT-2's ``c_attn`` = q|k|v). The paper adapts q and v inside ``c_attn`` (§7.1)."""
+"""LoRA on some slices of a stacked projection: one Linear/Conv1D whose output stacks n equal
+projections (GPT-2's ``c_attn`` = q|k|v; the config calls them ``fused_projections``). The paper
+adapts q and v inside ``c_attn`` (§7.1)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,15 @@ from .base import LoraLayer
 from .linear import dense_features, is_conv1d_transposed
 
 
-class LoraFusedLinear(LoraLayer):
+class LoraSlicedLinear(LoraLayer):
     """One (A_k, B_k) per adapted slice k, stored stacked: A (n_a·r, d_in), B (n_a·d_slice, r).
 
     Output features of the unadapted slices get nothing added; there is no zero block to train.
+    On disk it is stored as PEFT, which has no slices, sees it (``dense_factors``), under PEFT's
+    linear key names.
     """
+
+    peft_factor_keys = ("lora_A.weight", "lora_B.weight")
 
     def __init__(self, base_layer: nn.Module, slices: Sequence[bool], module_name: str = "") -> None:
         super().__init__(base_layer, module_name)
@@ -66,13 +71,13 @@ class LoraFusedLinear(LoraLayer):
         rebuilt = torch.cat(blocks)
         A_ref, check = self.dense_factors(name)  # shapes of this layer
         if dense_b.shape != check.shape or A.shape != A_ref.shape:
-            raise ValueError(f"{self.module_name}: fused adapter shapes A {tuple(A.shape)}, B {tuple(dense_b.shape)} "
+            raise ValueError(f"{self.module_name}: sliced adapter shapes A {tuple(A.shape)}, B {tuple(dense_b.shape)} "
                              f"do not fit A {tuple(A_ref.shape)}, B {tuple(check.shape)}")
         self.lora_A[name].copy_(A)
         self.lora_B[name].copy_(rebuilt)
         if not torch.equal(self.dense_factors(name)[1], dense_b.to(self.lora_B[name].dtype)):
             raise ValueError(f"{self.module_name}: lora_B has non-zero values outside the adapted slices "
-                             f"{list(self.slices)}; load it as a plain (unfused) adapter instead")
+                             f"{list(self.slices)}; load it as a plain (unsliced) adapter instead")
 
     def delta_weight(self, name: str) -> torch.Tensor:
         A, dense_b = self.dense_factors(name)
