@@ -51,12 +51,12 @@ def leaves(x, W, b, As, Bs):
 def check_against_reference(dtype, x, W, b, As, Bs, scalings, route=None, p=0.0):
     seed = draw_seed(p)
     out, _ = op(x, W, b, As, Bs, scalings, route, p, seed)
-    mask = _keep_mask(x.detach().reshape(-1, x.shape[-1]), p, seed) if p > 0 else None
+    mask = _keep_mask(x.detach().reshape(-1, x.shape[-1]), p, seed) if p > 0 else None  # the op's own mask
     expected = reference64(x, W, b, As, Bs, scalings, route, mask)
     tol = TOL[dtype]
     assert out.dtype == x.dtype and out.shape == expected.shape
     torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol * expected.abs().max().item())
-    g = torch.randn(out.shape, generator=fresh_generator())
+    g = torch.randn(out.shape, generator=fresh_generator()).to(out.device)
     inputs = leaves(x, W, b, As, Bs)
     got = torch.autograd.grad(out, inputs, g.to(out.dtype))
     want = torch.autograd.grad(expected, inputs, g.double())
