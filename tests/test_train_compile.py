@@ -1,8 +1,9 @@
 """The trainer under torch.compile (`TrainConfig.compile`, `--compile` / `--no-compile`).
 
 A compiled run (Inductor, on the CPU) follows the eager run's loss curve, logs its first step's
-time, saves the same adapter keys (no `_orig_mod.` prefix) and resumes. Batches are padded to one
-width (16), so each test process compiles the training step once: compiling takes seconds here.
+time, saves the same adapter keys (no `_orig_mod.` prefix) and resumes, also with gradient
+checkpointing and under DDP and FSDP2 (slow). Batches are padded to one width (16), so each test
+process compiles the training step about once: compiling takes seconds here.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import re
 import warnings
 from functools import partial
+from itertools import islice
 from pathlib import Path
 
 import pytest
@@ -129,6 +131,26 @@ def test_a_compiled_run_resumes_with_or_without_compile(tmp_path, runs, resume_c
     assert [(r["step"], r["compiled"]) for r in resumed] == [(1, True), (4, resume_compile == "on")]
 
 
+def test_an_error_in_the_first_compiled_step_says_how_to_train_without_compile(tmp_path):
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    def failing_loss(outputs, batch):
+        raise RuntimeError("boom")
+
+    model = lorakit.inject(Tiny(), lorakit.LoraConfig(r=2, alpha=4, target_modules=["proj"]))
+    with pytest.raises(RuntimeError, match="boom") as error:
+        train(model, [{"x": torch.randn(2, 4)}] * 2, config(tmp_path, max_steps=1, batch_size=2, compile="on"),
+              loss_fn=failing_loss)
+    if hasattr(error.value, "add_note"):  # Python >= 3.11
+        assert "--no-compile" in "".join(error.value.__notes__)
+
+
 def test_compile_option_is_checked_and_reads_yaml_booleans():
     with pytest.raises(ValueError, match=r"compile='yes' is not one of \('auto', 'on', 'off'\)"):
         TrainConfig(compile="yes")
@@ -167,6 +189,32 @@ def test_cli_compile_from_a_yaml_config(train_config, tmp_path):
     assert yaml.safe_load(path.read_text()) == {"compile": False}
     assert train_config("--config", str(path), "--out", str(tmp_path)).compile == "off"
     assert train_config("--config", str(path), "--out", str(tmp_path), "--compile", "on").compile == "on"
+
+
+@pytest.mark.parametrize("compile, widths_of_64", [("on", True), ("off", False)])
+def test_finetune_pads_batches_to_a_multiple_of_64_when_compiling(tmp_path, monkeypatch, compile, widths_of_64):
+    """Few shapes for the compiler (and the fast kernels); eager runs keep the shortest padding."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lorakit import finetune as finetune_mod
+    from test_data import E2E_LINES, make_tokenizer
+
+    seen = {}
+
+    def fake_train(model, batches, config, eval_batches=None, **kw):
+        seen["widths"] = {batch["input_ids"].shape[1] for batch in islice(batches, 8)}
+        raise KeyboardInterrupt  # nothing to compile: the batches are what is tested
+
+    monkeypatch.setattr(finetune_mod, "train", fake_train)
+    tok = make_tokenizer(bos=False)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256))
+    path = tmp_path / "train.txt"
+    path.write_text("\n".join(E2E_LINES) + "\n")
+    with pytest.raises(KeyboardInterrupt):
+        finetune_mod.finetune("unused", finetune_mod.DataSpec(train=str(path)), NO_DROPOUT,
+                              config(tmp_path, batch_size=2, compile=compile), model=model, tokenizer=tok)
+    assert all(w % 64 == 0 for w in seen["widths"]) is widths_of_64, seen["widths"]
 
 
 def _distributed_worker(rank: int, port: int, out: str) -> None:

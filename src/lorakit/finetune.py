@@ -12,6 +12,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .config import LoraConfig
 from .data import (Batches, ClassificationExample, Example, collate, demo_task, load_examples,
                    tokenize_classification, tokenize_example)
@@ -20,6 +22,7 @@ from .models import load_causal_lm, load_classifier, model_info
 from .train import TrainConfig, TrainResult, train
 
 DEMO_DATA = "demo"  # `--data demo`: the generated demo task (lorakit.demo_task), no file needed
+COMPILED_PAD_MULTIPLE = 64  # batch widths under torch.compile (TrainConfig.compile)
 
 
 @dataclass
@@ -92,8 +95,10 @@ def finetune(model_spec: str, data: DataSpec, lora: LoraConfig, config: TrainCon
     base = model_info(model)
     inject(model, lora)  # train() prints trainable vs total parameters
 
-    pad = tokenizer.pad_token_id
-    collate_fn = partial(collate, pad_id=pad)
+    # A compiled step gets widths that are multiples of 64: a few shapes, one compile with symbolic
+    # sizes, and the fast kernels (unpadded lengths ran slower than eager; docs/performance.md).
+    multiple = COMPILED_PAD_MULTIPLE if config.compiles_on(_device_type(config.device)) else None
+    collate_fn = partial(collate, pad_id=tokenizer.pad_token_id, pad_to_multiple_of=multiple)
     batches = Batches(tokenize_all(train_ex, tokenizer, data), config.batch_size, seed=config.seed,
                       collate_fn=collate_fn)
     eval_batches = None
@@ -110,6 +115,13 @@ def finetune(model_spec: str, data: DataSpec, lora: LoraConfig, config: TrainCon
     if label_map:
         (Path(config.out_dir) / "labels.json").write_text(json.dumps(label_map, indent=2) + "\n")
     return result, model, tokenizer
+
+
+def _device_type(device: str) -> str:
+    """The type of device that TrainConfig.device names ("auto": cuda where there is one)."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device.split(":")[0]
 
 
 def is_main_process() -> bool:

@@ -76,6 +76,10 @@ class TrainConfig:
         if problems:
             raise ValueError("bad TrainConfig: " + "; ".join(problems))
 
+    def compiles_on(self, device_type: str) -> bool:
+        """Whether the training step runs under torch.compile on a device of this type ("cuda", "cpu")."""
+        return self.compile == "on" or (self.compile == "auto" and device_type == "cuda")
+
     def to_json(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
                 for k, v in self.__dict__.items()}

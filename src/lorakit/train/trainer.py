@@ -88,7 +88,7 @@ def _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter
              "metrics": out / "metrics.jsonl", "plot": out / "loss.png", "run": out / "run.json"}
     say = tqdm.write if (config.progress and d.is_main) else (lambda *a, **k: None)  # tqdm.write: the bar stays whole
     bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
-    compiled = config.compile == "on" or (config.compile == "auto" and device.type == "cuda")
+    compiled = config.compiles_on(device.type)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
     # --- what trains, and how ---------------------------------------------------------------
@@ -175,7 +175,9 @@ def _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter
     # buckets). Only the training forward runs compiled: `model` itself stays plain, for evaluation,
     # eval_fn, checkpoints and the saved adapter (its names get no `_orig_mod.` prefix). dynamic=None,
     # torch's default: a first graph for the first batch's shape; a batch of another length makes
-    # torch compile once more with symbolic sizes, and that graph serves every later length.
+    # torch compile once more with symbolic sizes, and that graph serves every later length. Batches
+    # padded to a multiple of 64 run that graph fast; unpadded lengths ran slower than eager on an
+    # H200 (docs/performance.md), so `finetune` pads them when compiling.
     forward = torch.compile(wrapped) if compiled else wrapped
     # FSDP replaced the parameters with sharded ones (same names): the optimizer holds those.
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
