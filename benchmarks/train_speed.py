@@ -219,6 +219,7 @@ def measure(row: Row, args) -> dict:
     }
     if cuda:
         result["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
+        result["gpu"] = torch.cuda.get_device_name()
     if row.compile:
         from torch._dynamo.utils import counters
 
@@ -257,6 +258,9 @@ def run_row(row: Row, args, timeout: float | None) -> dict:
         os.killpg(proc.pid, signal.SIGKILL)  # the row's process and its compile workers
         out, err = proc.communicate()
         status, err = "timeout", f"killed after {timeout:.0f} s\n{err}"
+    except BaseException:  # this run is being stopped (Ctrl-C, SIGTERM): the row's group goes with it
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
     finally:
         if cache:
             shutil.rmtree(cache, ignore_errors=True)
@@ -287,6 +291,7 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 def run_matrix(args) -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `run_row` can end its row's processes
     rows = plan(args)
     kept = {}
     if args.resume:
@@ -302,7 +307,7 @@ def run_matrix(args) -> None:
         if row in kept:
             results.append(kept[row])
             continue
-        guess = longest.get((row.shape, row.compile),  # else a smaller shape's row of the same kind, if any
+        guess = longest.get((row.shape, row.compile),  # else another shape's row of this kind
                             max((t for (_, c), t in longest.items() if c == row.compile), default=None))
         if left is not None and (left <= 0 or (guess is not None and guess > left)):
             results.append({**asdict(row), "mode": row.mode, "status": "skipped",
@@ -334,9 +339,12 @@ def report(args, rows: list[dict], complete: bool) -> dict:
         except (OSError, subprocess.TimeoutExpired):
             return None
 
+    # from the rows: a CUDA context in this process would hold GPU memory the rows' processes lack
+    gpu = next((r["gpu"] for r in rows if r.get("gpu")), None) or (
+        torch.cuda.get_device_name() if torch.cuda.is_initialized() else None)
     return {
         "benchmark": "train_speed", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": args.device, "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+        "device": args.device, "gpu": gpu,
         "cpu": platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__, "transformers": version("transformers"), "peft": version("peft"),
         "git_commit": git("rev-parse", "HEAD"), "git_changed_src": git("status", "--porcelain", "src"),
@@ -406,6 +414,7 @@ def interleave(args) -> None:
             sync()
             if step >= args.warmup:
                 times[row].append(time.perf_counter() - start)
+        print(f"round {step + 1}/{args.warmup + args.steps} done", file=sys.stderr, flush=True)
     result = [{**asdict(row), "mode": row.mode, "median_step_s": statistics.median(t), "step_times_s": t}
               for row, t in times.items()]
     print(f"\ninterleaved in one process: {args.shape[0]}, batch {batch} × {seq}, {args.device}, {rows[0].mode}, "
