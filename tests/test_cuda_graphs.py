@@ -69,14 +69,21 @@ def warm_up_and_capture(model, opt, batches):
     return graph, static_ids, static_loss, static_logits, losses
 
 
-def eager_run(batches):
-    model = llama_bf16()
+def sgd_steps(model, batches, compile_mode=None):
+    """SGD steps over ``batches`` (compiled with ``compile_mode`` if given): (losses, adapters)."""
     opt = optimizer(model, "sgd")
+    run = torch.compile(model, mode=compile_mode) if compile_mode else model
     losses = []
     for ids in batches:
-        losses.append(step(model, opt, ids)[0].item())
+        if compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+        losses.append(step(run, opt, ids)[0].item())
         opt.zero_grad(set_to_none=True)
     return losses, adapters(model)
+
+
+def eager_run(batches):
+    return sgd_steps(llama_bf16(), batches)
 
 
 @cuda
@@ -158,14 +165,7 @@ def test_compiled_reduce_overhead_training_trains_like_eager():
     batches = [torch.randint(0, 512, (4, 512), generator=g).cuda() for _ in range(6)]
     start = adapters(llama_bf16())
     eager_losses, eager_adapters = eager_run(batches)
-    model = llama_bf16()
-    opt = optimizer(model, "sgd")
-    compiled = torch.compile(model, mode="reduce-overhead")
-    losses = []
-    for ids in batches:
-        torch.compiler.cudagraph_mark_step_begin()
-        losses.append(step(compiled, opt, ids)[0].item())
-        opt.zero_grad(set_to_none=True)
+    losses, trained = sgd_steps(llama_bf16(), batches, compile_mode="reduce-overhead")
     assert losses == pytest.approx(eager_losses, rel=1e-2)
-    ours, theirs = adapters(model) - start, eager_adapters - start
+    ours, theirs = trained - start, eager_adapters - start
     assert ((ours - theirs).norm() / theirs.norm()).item() < 3e-2

@@ -13,8 +13,6 @@ CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 class LoraConv(LoraLayer):
-    peft_factor_keys = ("lora_A.weight", "lora_B.weight")  # PEFT's A and B are conv modules too
-
     def __init__(self, base_layer: nn.Module, module_name: str = "") -> None:
         if base_layer.groups != 1:
             raise TypeError(f"{module_name}: LoRA on a grouped convolution (groups={base_layer.groups}) "

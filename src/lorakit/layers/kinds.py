@@ -31,11 +31,6 @@ from .embedding import LoraEmbedding
 from .linear import LoraLinear, is_conv1d_transposed
 from .sliced import LoraSlicedLinear
 
-# PEFT's linear names (``<module>.lora_A.weight``): LoraLayer's default ``peft_factor_keys``, and
-# what a class without the attribute is taken to use.
-DEFAULT_FACTOR_KEYS = ("lora_A.weight", "lora_B.weight")
-
-
 @dataclass(frozen=True)
 class LayerKind:
     """One kind of base module lorakit adapts."""
@@ -166,8 +161,7 @@ def dense_weight(module: nn.Module) -> torch.Tensor | None:
 
 def peft_factor_keys(layer: LoraLayer | type[LoraLayer]) -> tuple[str, str]:
     """(A key, B key): what a LoRA layer class stores its factors under, after ``<module name>.``."""
-    cls = layer if isinstance(layer, type) else type(layer)
-    return getattr(cls, "peft_factor_keys", DEFAULT_FACTOR_KEYS)
+    return layer.peft_factor_keys  # LoraLayer's default: PEFT's linear names, lora_A.weight / lora_B.weight
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,6 @@ class LoraSlicedLinear(LoraLayer):
     linear key names.
     """
 
-    peft_factor_keys = ("lora_A.weight", "lora_B.weight")
-
     def __init__(self, base_layer: nn.Module, slices: Sequence[bool], module_name: str = "") -> None:
         super().__init__(base_layer, module_name)
         self.fan_in_fan_out = is_conv1d_transposed(base_layer)
