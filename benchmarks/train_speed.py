@@ -194,22 +194,31 @@ def measure(row: Row, args) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
+
+    def step(k: int) -> torch.Tensor:
+        if graphed:
+            torch.compiler.cudagraph_mark_step_begin()
+        loss = forward(model, embed, batches[k % len(batches)], row.autocast)
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return loss
+
     with sdpa_backend(args.sdpa_backend):
         for k in range(args.warmup + args.steps):
             sync()
             start = time.perf_counter()
-            if graphed:
-                torch.compiler.cudagraph_mark_step_begin()
-            loss = forward(model, embed, batches[k % len(batches)], row.autocast)
-            loss.backward()
-            if opt is not None:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+            loss = step(k)
             sync()
             times.append(time.perf_counter() - start)
             losses.append(loss.item())
     timed = times[args.warmup:]
     median = statistics.median(timed)
+    profile = None
+    if args.profile:
+        with sdpa_backend(args.sdpa_backend):
+            profile = profile_steps(row, args, lambda k: step(k), steps=3)
     result = {
         "median_step_s": median, "tokens_per_s": batch * seq / median, "slowest_over_median": max(timed) / median,
         "first_step_s": times[0], "peak_bytes": (torch.cuda.max_memory_allocated() if cuda else
@@ -217,6 +226,8 @@ def measure(row: Row, args) -> dict:
         "batch": batch, "seq": seq, "trainable_params": sum(p.numel() for p in params),
         "adapter_dtypes": sorted({str(p.dtype) for p in params}), "step_times_s": times, "losses": losses,
     }
+    if profile:
+        result["profile"] = profile
     if cuda:
         result["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
         result["gpu"] = torch.cuda.get_device_name()
@@ -226,6 +237,55 @@ def measure(row: Row, args) -> dict:
         result["graphs"] = counters["stats"]["unique_graphs"]
         result["graph_breaks"] = sum(counters["graph_break"].values())
     return result
+
+
+def kernel_kind(name: str) -> str:
+    """A GPU kernel's family, from its name (cuBLAS/CUTLASS GEMMs, attention, Inductor's Triton)."""
+    low = name.lower()
+    if any(k in low for k in ("flash", "fmha", "attention", "sdpa")):
+        return "attention"
+    if any(k in low for k in ("gemm", "nvjet", "cutlass", "sm90_xmma", "cublas", "matmul")):
+        return "gemm"
+    if low.startswith("triton"):
+        return "inductor (triton)"
+    if "adam" in low or "foreach" in low:
+        return "optimizer"
+    return "other"
+
+
+def profile_steps(row: Row, args, step, steps: int) -> dict:
+    """``steps`` more steps under torch.profiler: device time per step by kernel family, the top
+    kernels, and how much of the wall step the device was busy (low = host-bound). The table goes
+    to ``--profile DIR``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = args.device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for k in range(steps):
+            step(k)
+        sync()
+    wall = (time.perf_counter() - start) / steps
+    events = prof.key_averages()
+    kernels = [e for e in events if e.self_device_time_total > 0] if cuda else []
+    by_kind: dict[str, float] = {}
+    for e in kernels:
+        by_kind[kernel_kind(e.key)] = by_kind.get(kernel_kind(e.key), 0.0) + e.self_device_time_total / 1e3 / steps
+    device_ms = sum(by_kind.values())
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:25]
+    name = f"profile_{row.shape}_{row.variant}_{row.targets or 'none'}_{row.mode.replace(' + ', '_').replace(' ', '_')}.txt"
+    path = Path(args.profile) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    path.write_text(f"{row.label}: {steps} steps, wall {wall * 1e3:.1f} ms/step, device busy {device_ms:.1f} ms/step\n"
+                    + "".join(f"  {k:<20} {v:8.2f} ms/step\n" for k, v in sorted(by_kind.items(), key=lambda x: -x[1]))
+                    + "\n" + events.table(sort_by=sort, row_limit=40, max_name_column_width=90))
+    return {"wall_ms_per_step": wall * 1e3, "device_ms_per_step": device_ms,
+            "device_ms_by_kind": by_kind, "file": str(path),
+            "top_kernels": [{"name": e.key[:120], "ms_per_step": e.self_device_time_total / 1e3 / steps,
+                             "calls_per_step": e.count / steps} for e in top]}
 
 
 def sdpa_backend(name: str):
@@ -482,6 +542,8 @@ def main() -> None:
                    "(judged by the longest row so far of its shape, compiled or eager) is skipped and recorded as such")
     p.add_argument("--grace", type=float, default=45, help="seconds a row may run past the budget before it is killed")
     p.add_argument("--row-timeout", type=float, default=900, help="seconds before one row is killed")
+    p.add_argument("--profile", metavar="DIR", help="after the timed steps, profile 3 more steps of every row: "
+                   "device time by kernel family in the JSON, the kernel table in DIR")
     p.add_argument("--resume", metavar="JSON", help="keep the measured rows of this earlier output; measure the rest")
     p.add_argument("--out", help="output JSON (default benchmarks/results/train_speed_<device>.json, or "
                    "train_interleaved_<device>.json with --interleave)")

@@ -44,6 +44,24 @@ def test_no_graph_breaks_in_an_injected_model(tokens, training):
     assert explanation.graph_count == 1
 
 
+def test_compiled_graph_holds_one_custom_op_per_layer_and_eager_runs_its_twin(tokens):
+    """While compiling the forward emits ``torch.ops.lorakit.lora_linear`` (one opaque node per
+    adapted layer); in eager it runs the autograd.Function twin, not the dispatcher."""
+    torch._dynamo.reset()
+    model = injected().train()
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(n.target for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    torch.compile(model, backend=backend, fullgraph=True)(input_ids=tokens)
+    op = torch.ops.lorakit.lora_linear
+    assert sum(t in (op, op.default) for t in seen) == 2 * 7
+    out = model.model.layers[0].self_attn.q_proj(torch.randn(3, model.config.hidden_size))
+    assert type(out.grad_fn).__name__ == "_EagerLoraLinearBackward"
+
+
 def run_step(run, model, tokens, seed=11):
     torch.manual_seed(seed)
     model.zero_grad(set_to_none=True)

@@ -1,6 +1,6 @@
-"""``torch.ops.lorakit.lora_linear`` against a float64 recomputation of the reference math
-(`ops/reference.py` plus the base layer), and torch's own checks of the custom op (schema, fake
-kernel, autograd registration)."""
+"""``torch.ops.lorakit.lora_linear`` and its eager twin (`lora_linear_call` outside compile)
+against a float64 recomputation of the reference math (`ops/reference.py` plus the base layer),
+and torch's own checks of the custom op (schema, fake kernel, autograd registration)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lorakit.ops.lora_linear import _keep_mask, draw_seed
+from lorakit.ops.lora_linear import _EagerLoraLinear, _keep_mask, draw_seed
 from lorakit.ops.reference import lora_delta
 
 op = torch.ops.lorakit.lora_linear
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # relative to the float64 values' scale
+
+
+def eager_twin(x, W, b, As, Bs, scalings, route, p, seed):
+    return _EagerLoraLinear.apply(x, W, b, route, seed, scalings, p, len(As), *As, *Bs)
+
+
+@pytest.fixture(params=["custom_op", "eager_twin"])
+def call(request):
+    """Both ways the forward reaches the math: every test below runs once through each."""
+    return op if request.param == "custom_op" else eager_twin
 
 
 def fresh_generator() -> torch.Generator:
@@ -48,9 +58,9 @@ def leaves(x, W, b, As, Bs):
     return [t for t in (x, W, b, *As, *Bs) if t is not None and t.requires_grad]
 
 
-def check_against_reference(dtype, x, W, b, As, Bs, scalings, route=None, p=0.0):
+def check_against_reference(call, dtype, x, W, b, As, Bs, scalings, route=None, p=0.0):
     seed = draw_seed(p)
-    out, _ = op(x, W, b, As, Bs, scalings, route, p, seed)
+    out, _ = call(x, W, b, As, Bs, scalings, route, p, seed)
     mask = _keep_mask(x.detach().reshape(-1, x.shape[-1]), p, seed) if p > 0 else None  # the op's own mask
     expected = reference64(x, W, b, As, Bs, scalings, route, mask)
     tol = TOL[dtype]
@@ -68,39 +78,39 @@ def check_against_reference(dtype, x, W, b, As, Bs, scalings, route=None, p=0.0)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_one_adapter_matches_float64_reference(dtype, bias, p):
+def test_one_adapter_matches_float64_reference(dtype, bias, p, call):
     x, W, b, As, Bs = operands(dtype, bias=bias)
-    check_against_reference(dtype, x, W, b, As, Bs, [0.7], p=p)
+    check_against_reference(call, dtype, x, W, b, As, Bs, [0.7], p=p)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_several_adapters_add_up_as_the_reference(dtype):
+def test_several_adapters_add_up_as_the_reference(dtype, call):
     x, W, b, As, Bs = operands(dtype, n_adapters=3)
-    check_against_reference(dtype, x, W, b, As, Bs, [0.5, 2.0, 1.25])
+    check_against_reference(call, dtype, x, W, b, As, Bs, [0.5, 2.0, 1.25])
 
 
 @pytest.mark.parametrize("per_token", [False, True])
-def test_routed_rows_use_only_their_adapter(per_token):
+def test_routed_rows_use_only_their_adapter(per_token, call):
     x, W, b, As, Bs = operands(torch.float32, n_adapters=3, lead=(4, 6))
     g = fresh_generator()
     route = torch.randint(-1, 3, (4, 6) if per_token else (4, 1), generator=g).expand(4, 6).contiguous()
     route[0] = -1  # a whole row on the base model
-    check_against_reference(torch.float32, x, W, b, As, Bs, [0.5, 2.0, 1.25], route=route)
-    out, _ = op(x, W, b, As, Bs, [0.5, 2.0, 1.25], route, 0.0, None)
+    check_against_reference(call, torch.float32, x, W, b, As, Bs, [0.5, 2.0, 1.25], route=route)
+    out, _ = call(x, W, b, As, Bs, [0.5, 2.0, 1.25], route, 0.0, None)
     torch.testing.assert_close(out[0], F.linear(x[0], W, b))  # base rows are exactly the base layer
 
 
-def test_trainable_base_weight_gets_its_gradient():
+def test_trainable_base_weight_gets_its_gradient(call):
     x, W, b, As, Bs = operands(torch.float32, weight_grad=True)
-    check_against_reference(torch.float32, x, W, b, As, Bs, [1.5])
+    check_against_reference(call, torch.float32, x, W, b, As, Bs, [1.5])
 
 
-def test_fp32_adapters_on_bf16_input_compute_in_bf16_and_give_fp32_gradients():
+def test_fp32_adapters_on_bf16_input_compute_in_bf16_and_give_fp32_gradients(call):
     x, W, b, As, Bs = operands(torch.bfloat16, adapter_dtype=torch.float32)
-    check_against_reference(torch.bfloat16, x, W, b, As, Bs, [2.0])
+    check_against_reference(call, torch.bfloat16, x, W, b, As, Bs, [2.0])
 
 
-def test_saves_no_dropout_copy_no_mask_and_no_float32_copy_of_x():
+def test_saves_no_dropout_copy_no_mask_and_no_float32_copy_of_x(call):
     """Backward keeps x itself, the (T, r) projection and the weights: nothing of x's size but x."""
     x, W, b, As, Bs = operands(torch.bfloat16, lead=(8, 16), d_in=64, d_out=48)
     saved = []
@@ -110,19 +120,19 @@ def test_saves_no_dropout_copy_no_mask_and_no_float32_copy_of_x():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out, _ = op(x, W, b, As, Bs, [1.0], None, 0.5, draw_seed(0.5))
+        out, _ = call(x, W, b, As, Bs, [1.0], None, 0.5, draw_seed(0.5))
     big = [t for t in saved if t.numel() >= x.numel()]
     assert len(big) == 1 and big[0].data_ptr() == x.data_ptr() and big[0].dtype == torch.bfloat16
     out.sum().backward()  # and the mask made again from the seed still gives gradients
     assert As[0].grad is not None and torch.isfinite(As[0].grad).all()
 
 
-def test_dropout_is_reproducible_from_its_seed_and_differs_between_seeds():
+def test_dropout_is_reproducible_from_its_seed_and_differs_between_seeds(call):
     x, W, b, As, Bs = operands(torch.float32)
     seed = draw_seed(0.5)
-    first, _ = op(x, W, b, As, Bs, [1.0], None, 0.5, seed)
-    again, _ = op(x, W, b, As, Bs, [1.0], None, 0.5, seed.clone())
-    other, _ = op(x, W, b, As, Bs, [1.0], None, 0.5, seed + 1)
+    first, _ = call(x, W, b, As, Bs, [1.0], None, 0.5, seed)
+    again, _ = call(x, W, b, As, Bs, [1.0], None, 0.5, seed.clone())
+    other, _ = call(x, W, b, As, Bs, [1.0], None, 0.5, seed + 1)
     torch.testing.assert_close(first, again, rtol=0, atol=0)
     assert not torch.allclose(first, other)
 

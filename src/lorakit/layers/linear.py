@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..ops import delta_weight, lora_delta
-from ..ops.lora_linear import draw_seed
+from ..ops.lora_linear import draw_seed, lora_linear_call
 from .base import LoraLayer
 
 
@@ -27,8 +27,9 @@ def dense_features(module: nn.Module) -> tuple[int, int]:
 class LoraLinear(LoraLayer):
     """h = W0·x + s·B·A·dropout(x), A: (r, d_in), B: (d_out, r).
 
-    The forward is one call of ``torch.ops.lorakit.lora_linear`` (`ops/lora_linear.py`) on every
-    device, eager or compiled, for every additive adapter that applies: the active ones, or the
+    The forward is one call of the LoRA linear op (`ops/lora_linear.py`: the custom op
+    ``torch.ops.lorakit.lora_linear`` while compiling, its autograd.Function twin in eager) on
+    every device, for every additive adapter that applies: the active ones, or the
     routed ones under `lorakit.route`. The reference forward (`LoraLayer.forward`, adapter by
     adapter) serves what the op does not take: a variant that is not additive, a subclass with its
     own ``adapter_output``, a dropout module other than ``nn.Dropout``, several adapters with
@@ -53,7 +54,7 @@ class LoraLinear(LoraLayer):
         if torch.is_autocast_enabled(x.device.type):  # compute in autocast's dtype, as F.linear would
             x = x.to(torch.get_autocast_dtype(x.device.type))
         weight, bias = self.base_layer.weight, self.base_layer.bias
-        out, _ = torch.ops.lorakit.lora_linear(
+        out, _ = lora_linear_call(
             x, weight.t() if self.fan_in_fan_out else weight, bias,
             [self.lora_A[n] for n in names], [self.lora_B[n] for n in names], [self.scaling[n] for n in names],
             route.rows_of(x) if route is not None else None, p, draw_seed(p))

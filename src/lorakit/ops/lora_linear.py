@@ -3,7 +3,9 @@
 ``torch.ops.lorakit.lora_linear`` is a ``torch.library.custom_op`` with a fake (meta) kernel and an
 autograd formula, so ``torch.compile(model, fullgraph=True)`` sees one opaque op per adapted
 layer, Inductor fuses what lies around it (norms, activations, casts), and CUDA graphs capture it.
-It holds no state: everything it computes from is an argument.
+It holds no state: everything it computes from is an argument. In eager mode `lora_linear_call`
+runs the same math through a plain autograd.Function instead (the custom op's dispatch costs ~4×
+a small layer's math on the host); while compiling it emits the custom op.
 
 Adapters: one or more (A_k, B_k, s_k), for several active adapters or for a routed batch. With
 ``route`` (one adapter index per row of x, -1 = none), row t uses only adapter route[t]; without
@@ -80,10 +82,9 @@ def _cat(tensors: Sequence[Tensor], dim: int, dtype: torch.dtype) -> Tensor:
     return torch.cat([t.to(dtype) for t in tensors], dim)
 
 
-@torch.library.custom_op("lorakit::lora_linear", mutates_args=())
-def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], As: list[Tensor], Bs: list[Tensor],
-                scalings: list[float], route: Optional[Tensor], dropout: float,
-                seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], As: Sequence[Tensor], Bs: Sequence[Tensor],
+             scalings: Sequence[float], route: Optional[Tensor], dropout: float,
+             seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """(h, low): the layer's output (*x.shape[:-1], d_out) and the scaled projection (T, Σr)."""
     dt = x.dtype
     ranks = [A.shape[0] for A in As]
@@ -102,6 +103,53 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], As: list[Tens
     return out.view(*x.shape[:-1], weight.shape[0]), low
 
 
+def _gradients(grad_out: Tensor, x: Tensor, weight: Tensor, low: Tensor, route: Optional[Tensor],
+               seed: Optional[Tensor], As: Sequence[Tensor], Bs: Sequence[Tensor], scalings: Sequence[float],
+               dropout: float, wants: tuple):
+    """(dx, dW, db, dAs, dBs) from the output's gradient; None where ``wants`` says no."""
+    wants_x, wants_w, wants_b, wants_A, wants_B = wants
+    dt = x.dtype
+    ranks = [A.shape[0] for A in As]
+    x2d = x.reshape(-1, x.shape[-1])
+    g = grad_out.reshape(-1, grad_out.shape[-1]).to(dt)                 # (T, d_out)
+
+    dBs = [None] * len(Bs)
+    if any(wants_B):
+        dB_cat = g.t() @ low                                           # (d_out, T) @ (T, Σr): s, route in low
+        dBs = [dB.to(B.dtype) if want else None
+               for dB, B, want in zip(dB_cat.split(ranks, 1), Bs, wants_B)]
+    g_low = (g @ _cat(Bs, 1, dt)) * _column_scales(scalings, ranks, g)  # (T, Σr)
+    if route is not None:
+        g_low = g_low * _route_mask(route, ranks, dt)
+    mask = _keep_mask(x2d, dropout, seed) if dropout > 0 else None
+    dAs = [None] * len(As)
+    if any(wants_A):
+        dA_cat = g_low.t() @ (x2d * mask if mask is not None else x2d)  # (Σr, T) @ (T, d_in)
+        dAs = [dA.to(A.dtype) if want else None for dA, A, want in zip(dA_cat.split(ranks, 0), As, wants_A)]
+    dx = None
+    if wants_x:
+        dx = g_low @ _cat(As, 0, dt)                                   # (T, Σr) @ (Σr, d_in)
+        if mask is not None:
+            dx = dx * mask
+        dx = dx.addmm_(g, weight.to(dt)).view(x.shape)                  # + g·W, in the same buffer
+    dW = (g.t() @ x2d).to(weight.dtype) if wants_w else None
+    db = g.sum(0) if wants_b else None
+    return dx, dW, db, dAs, dBs
+
+
+def _wants(x, weight, bias, As, Bs) -> tuple:
+    return (x.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad,
+            [A.requires_grad for A in As], [B.requires_grad for B in Bs])
+
+
+@torch.library.custom_op("lorakit::lora_linear", mutates_args=())
+def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], As: list[Tensor], Bs: list[Tensor],
+                scalings: list[float], route: Optional[Tensor], dropout: float,
+                seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """(h, low): the layer's output (*x.shape[:-1], d_out) and the scaled projection (T, Σr)."""
+    return _forward(x, weight, bias, As, Bs, scalings, route, dropout, seed)
+
+
 @lora_linear.register_fake
 def _(x, weight, bias, As, Bs, scalings, route, dropout, seed):
     rows = x.numel() // x.shape[-1]
@@ -114,44 +162,53 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(x, weight, output[1], route, seed, *As, *Bs)
     ctx.n = len(As)
     ctx.scalings, ctx.dropout = scalings, dropout
-    ctx.wants = (x.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad,
-                 [A.requires_grad for A in As], [B.requires_grad for B in Bs])
+    ctx.wants = _wants(x, weight, bias, As, Bs)
 
 
 def _backward(ctx, grad_out: Tensor, grad_low: Tensor | None):
     x, weight, low, route, seed, *adapters = ctx.saved_tensors
     As, Bs = adapters[:ctx.n], adapters[ctx.n:]
-    wants_x, wants_w, wants_b, wants_A, wants_B = ctx.wants
-    dt = x.dtype
-    ranks = [A.shape[0] for A in As]
-    x2d = x.reshape(-1, x.shape[-1])
-    g = grad_out.reshape(-1, grad_out.shape[-1]).to(dt)                 # (T, d_out)
-
-    dBs = [None] * ctx.n
-    if any(wants_B):
-        dB_cat = g.t() @ low                                           # (d_out, T) @ (T, Σr): s, route in low
-        dBs = [dB.to(B.dtype) if want else None
-               for dB, B, want in zip(dB_cat.split(ranks, 1), Bs, wants_B)]
-    g_low = (g @ _cat(Bs, 1, dt)) * _column_scales(ctx.scalings, ranks, g)  # (T, Σr)
-    if route is not None:
-        g_low = g_low * _route_mask(route, ranks, dt)
-    mask = _keep_mask(x2d, ctx.dropout, seed) if ctx.dropout > 0 else None
-    dAs = [None] * ctx.n
-    if any(wants_A):
-        dA_cat = g_low.t() @ (x2d * mask if mask is not None else x2d)  # (Σr, T) @ (T, d_in)
-        dAs = [dA.to(A.dtype) if want else None for dA, A, want in zip(dA_cat.split(ranks, 0), As, wants_A)]
-    dx = None
-    if wants_x:
-        dx = g_low @ _cat(As, 0, dt)                                   # (T, Σr) @ (Σr, d_in)
-        if mask is not None:
-            dx = dx * mask
-        dx = dx.addmm_(g, weight.to(dt)).view(x.shape)                  # + g·W, in the same buffer
-    dW = (g.t() @ x2d).to(weight.dtype) if wants_w else None
-    db = g.sum(0) if wants_b else None
+    dx, dW, db, dAs, dBs = _gradients(grad_out, x, weight, low, route, seed, As, Bs, ctx.scalings,
+                                      ctx.dropout, ctx.wants)
     return dx, dW, db, dAs, dBs, None, None, None, None
 
 
 lora_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerLoraLinear(torch.autograd.Function):
+    """The op's eager twin: the same `_forward` and `_gradients`, without the dispatcher's round
+    trips (a custom op's Python wrapper costs ~120 µs a forward on the host, four times the math
+    of a small layer; eager training is host-bound on many small layers). Adapters come flattened:
+    autograd.Function tracks only tensors passed as arguments, not tensors inside lists."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, route, seed, scalings, dropout, n, *adapters):
+        As, Bs = adapters[:n], adapters[n:]
+        out, low = _forward(x, weight, bias, As, Bs, scalings, route, dropout, seed)
+        ctx.save_for_backward(x, weight, low, route, seed, *adapters)
+        ctx.n, ctx.scalings, ctx.dropout = n, scalings, dropout
+        ctx.wants = _wants(x, weight, bias, As, Bs)
+        ctx.mark_non_differentiable(low)
+        return out, low
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_low):
+        x, weight, low, route, seed, *adapters = ctx.saved_tensors
+        As, Bs = adapters[:ctx.n], adapters[ctx.n:]
+        dx, dW, db, dAs, dBs = _gradients(grad_out, x, weight, low, route, seed, As, Bs, ctx.scalings,
+                                          ctx.dropout, ctx.wants)
+        return dx, dW, db, None, None, None, None, None, *dAs, *dBs
+
+
+def lora_linear_call(x: Tensor, weight: Tensor, bias: Optional[Tensor], As: Sequence[Tensor],
+                     Bs: Sequence[Tensor], scalings: Sequence[float], route: Optional[Tensor] = None,
+                     dropout: float = 0.0, seed: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """``torch.ops.lorakit.lora_linear`` while compiling (so the graph holds one opaque op), its
+    eager twin otherwise: the same math either way."""
+    if torch.compiler.is_compiling():
+        return torch.ops.lorakit.lora_linear(x, weight, bias, list(As), list(Bs), list(scalings), route, dropout, seed)
+    return _EagerLoraLinear.apply(x, weight, bias, route, seed, list(scalings), dropout, len(As), *As, *Bs)
 
 
 def _vmap(info, in_dims, x, weight, bias, As, Bs, scalings, route, dropout, seed):
