@@ -269,7 +269,7 @@ def profile_steps(row: Row, args, step, steps: int) -> dict:
         sync()
     wall = (time.perf_counter() - start) / steps
     events = prof.key_averages()
-    kernels = [e for e in events if e.self_device_time_total > 0] if cuda else []
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0]
     by_kind: dict[str, float] = {}
     for e in kernels:
         by_kind[kernel_kind(e.key)] = by_kind.get(kernel_kind(e.key), 0.0) + e.self_device_time_total / 1e3 / steps

@@ -62,6 +62,30 @@ def test_compiled_graph_holds_one_custom_op_per_layer_and_eager_runs_its_twin(to
     assert type(out.grad_fn).__name__ == "_EagerLoraLinearBackward"
 
 
+def test_compiled_backward_takes_dx_from_its_own_op(tokens):
+    """The traced backward computes each adapted layer's dx with ``lorakit::lora_input_grad`` (an
+    in-place accumulation inside), not a functionalised addmm that copies its accumulator."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    torch._dynamo.reset()
+    model = injected().train()
+    backward_ops = []
+
+    def forward_compiler(gm, example_inputs):
+        return make_boxed_func(gm.forward)
+
+    def backward_compiler(gm, example_inputs):
+        backward_ops.extend(n.target for n in gm.graph.nodes if n.op == "call_function")
+        return make_boxed_func(gm.forward)
+
+    compiled = torch.compile(model, backend=aot_autograd(fw_compiler=forward_compiler, bw_compiler=backward_compiler))
+    compiled(input_ids=tokens, labels=tokens).loss.backward()
+    # every adapted layer but layer 0's q, k, v (their input needs no gradient: the embeddings are frozen)
+    assert backward_ops.count(torch.ops.lorakit.lora_input_grad.default) == 2 * 7 - 3
+    assert torch.ops.aten.addmm.default not in backward_ops
+
+
 def run_step(run, model, tokens, seed=11):
     torch.manual_seed(seed)
     model.zero_grad(set_to_none=True)

@@ -13,7 +13,7 @@ import lorakit
 from lorakit.layers import LoraLayer, LoraLinear
 
 from conftest import randomize_adapters
-from test_ops import check_against_reference
+from test_ops import check_against_reference, eager_twin, op
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -33,7 +33,9 @@ def cuda_operands(dtype, lead=(4, 512), d_in=2048, d_out=5632, ranks=(16,), bias
 def test_cuda_op_matches_float64_reference_at_model_sizes(dtype, case):
     ranks = (16, 8) if case == "two-with-bias" else (16,)
     x, W, b, As, Bs = cuda_operands(dtype, ranks=ranks, bias=case == "two-with-bias")
-    check_against_reference(dtype, x, W, b, As, Bs, [2.0, 0.5][:len(ranks)], p=0.1 if case == "dropout" else 0.0)
+    for call in (op, eager_twin):
+        check_against_reference(call, dtype, x, W, b, As, Bs, [2.0, 0.5][:len(ranks)],
+                                p=0.1 if case == "dropout" else 0.0)
 
 
 def cuda_llama(dtype=torch.bfloat16):

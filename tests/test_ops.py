@@ -147,6 +147,19 @@ def test_torch_library_opcheck(case):
     torch.library.opcheck(op, (x, W, b, As, Bs, [0.5, 2.0][:len(As)], route, p, draw_seed(p)))
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_input_grad_op_opcheck_and_value(masked):
+    """The backward's dx op: torch's checks, and drop'(g_low·A) + g·W in float64."""
+    g_ = fresh_generator()
+    g, W = torch.randn(10, 20, generator=g_), torch.randn(20, 24, generator=g_)
+    g_low, A = torch.randn(10, 4, generator=g_), torch.randn(4, 24, generator=g_)
+    mask = (torch.rand(10, 24, generator=g_) > 0.3).float() / 0.7 if masked else None
+    torch.library.opcheck(torch.ops.lorakit.lora_input_grad, (g, W, g_low, A, mask))
+    want = (g_low.double() @ A.double()) * (mask.double() if masked else 1) + g.double() @ W.double()
+    torch.testing.assert_close(torch.ops.lorakit.lora_input_grad(g, W, g_low, A, mask).double(), want,
+                               rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
 def test_vmap_over_inputs_and_over_adapters():
     x, W, b, As, Bs = operands(torch.float32)
     xs = torch.randn(3, *x.shape)
