@@ -45,8 +45,9 @@ def test_no_graph_breaks_in_an_injected_model(tokens, training):
 
 
 def test_compiled_graph_holds_one_custom_op_per_layer_and_eager_runs_its_twin(tokens):
-    """While compiling the forward emits ``torch.ops.lorakit.lora_linear`` (one opaque node per
-    adapted layer); in eager it runs the autograd.Function twin, not the dispatcher."""
+    """While compiling the forward emits one opaque op per adapted layer (``lora_linear``, and
+    ``lora_swiglu_linear`` for a SwiGLU MLP's down projection); in eager it runs the
+    autograd.Function twin, not the dispatcher."""
     torch._dynamo.reset()
     model = injected().train()
     seen = []
@@ -56,8 +57,9 @@ def test_compiled_graph_holds_one_custom_op_per_layer_and_eager_runs_its_twin(to
         return gm.forward
 
     torch.compile(model, backend=backend, fullgraph=True)(input_ids=tokens)
-    op = torch.ops.lorakit.lora_linear
-    assert sum(t in (op, op.default) for t in seen) == 2 * 7
+    op, down_op = torch.ops.lorakit.lora_linear, torch.ops.lorakit.lora_swiglu_linear
+    assert sum(t in (op, op.default) for t in seen) == 2 * 6  # q, k, v, o, gate, up
+    assert sum(t in (down_op, down_op.default) for t in seen) == 2  # down, fed by the SwiGLU factors
     out = model.model.layers[0].self_attn.q_proj(torch.randn(3, model.config.hidden_size))
     assert type(out.grad_fn).__name__ == "_EagerLoraLinearBackward"
 

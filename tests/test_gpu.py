@@ -103,3 +103,16 @@ def test_cuda_compiled_equals_eager(autocast):
                torch.cat([eager_grads[n].flatten() for n in grads])) < 1e-2
     for name in grads:
         assert rel(grads[name], eager_grads[name]) < 2e-2, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_swiglu_down_op_matches_float64_at_model_sizes(dtype):
+    from test_swiglu import check, eager_twin as swiglu_twin
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    gate, up = (torch.randn(4, 512, 5632, device="cuda", generator=g).to(dtype).requires_grad_() for _ in range(2))
+    W = (torch.randn(2048, 5632, device="cuda", generator=g) / 5632 ** 0.5).to(dtype)
+    As = [(torch.randn(16, 5632, device="cuda", generator=g) / 5632 ** 0.5).requires_grad_()]
+    Bs = [(torch.randn(2048, 16, device="cuda", generator=g) / 4).requires_grad_()]
+    for call in (torch.ops.lorakit.lora_swiglu_linear, swiglu_twin):
+        check(call, dtype, gate, up, W, None, As, Bs, [2.0], p=0.1)

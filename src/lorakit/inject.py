@@ -11,6 +11,7 @@ from torch import nn
 
 from .config import ALL_LINEAR, ConfigError, LoraConfig, layer_index, name_matches
 from .layers import LoraLayer, TrainableCopy, is_linear_family, kind_of, lora_class_for, refusal, registered_kinds
+from .layers import swiglu
 
 
 @dataclass
@@ -67,9 +68,20 @@ def _output_head(model: nn.Module) -> nn.Module | None:
 _READ_BY_PARENT = (nn.MultiheadAttention,)
 
 
-def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
+MISSING_TARGETS = ("warn", "error", "drop")  # what inject does with target names that match nothing
+
+
+def find_targets(model: nn.Module, config: LoraConfig, *,
+                 missing_targets: str = "warn") -> list[tuple[str, nn.Module]]:
     """The modules ``config`` adapts, as (name, module); raises when there are none, or when a
-    module selected (by name or by "all-linear") is one lorakit cannot adapt. Changes nothing."""
+    module selected (by name or by "all-linear") is one lorakit cannot adapt. Changes nothing.
+
+    ``missing_targets`` says what an entry of a target list that matches no module does (a typo,
+    most often): "warn" adapts the others after a warning, "error" refuses, naming the modules that
+    could be adapted, and "drop" is "warn" for ``inject``, which then leaves the entry out of the
+    adapter's config (see ``unmatched_targets``)."""
+    if missing_targets not in MISSING_TARGETS:
+        raise ValueError(f"missing_targets must be one of {MISSING_TARGETS}, got {missing_targets!r}")
     head = _output_head(model)
     saved = config.modules_to_save or ()
     all_linear = config.target_modules == ALL_LINEAR
@@ -115,15 +127,24 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
     if not targets:
         raise ConfigError(f"target_modules={config.target_modules!r} matches no module of this "
                           f"{type(model).__name__}; modules it could adapt: {candidate_names(model)}")
-    if isinstance(config.target_modules, (list, tuple)):
-        unused = [t for t in config.target_modules if not any(name_matches(n, [t]) for n, _ in targets)]
-        if unused:
-            warnings.warn(f"target_modules entries {unused} match no module; adapting the others", stacklevel=3)
+    unused = unmatched_targets(config, targets)
+    if unused and missing_targets == "error":
+        raise ConfigError(f"target_modules entries {unused} match no module of this {type(model).__name__}; "
+                          f"modules it could adapt: {candidate_names(model)}")
+    if unused:
+        warnings.warn(f"target_modules entries {unused} match no module; adapting the others", stacklevel=3)
     for key in config.fused_projections:
         if not any(name_matches(n, [key]) for n, _ in targets):
             raise ConfigError(f"fused_projections names {key!r}, which target_modules does not select; "
                               f"add it to target_modules")
     return targets
+
+
+def unmatched_targets(config: LoraConfig, targets: list[tuple[str, nn.Module]]) -> list[str]:
+    """The entries of a target list that select none of ``targets`` (a regex or "all-linear": none)."""
+    if not isinstance(config.target_modules, (list, tuple)):
+        return []
+    return [t for t in config.target_modules if not any(name_matches(n, [t]) for n, _ in targets)]
 
 
 def candidate_names(model: nn.Module, limit: int = 30) -> list[str]:
@@ -137,18 +158,25 @@ def candidate_names(model: nn.Module, limit: int = 30) -> list[str]:
 
 
 def inject(model: nn.Module, config: LoraConfig, name: str = "default", *,
-           dtype: torch.dtype = torch.float32) -> nn.Module:
+           dtype: torch.dtype = torch.float32, missing_targets: str = "warn") -> nn.Module:
     """Add adapter ``name`` to the modules ``config`` selects, in place, and freeze the rest.
 
     Only the new adapter (plus the biases chosen by ``config.bias`` and its ``modules_to_save``)
     is left trainable. The adapter becomes active when no adapter was active before; otherwise
     the active set is left alone (choose with ``lorakit.use``). Returns ``model``.
+
+    ``missing_targets`` ("warn", "error" or "drop") is what a ``target_modules`` entry that matches
+    no module does; see ``find_targets``. With "drop" the adapter's config, and so a saved
+    adapter_config.json, lists only the entries that matched.
     """
     check_adapter_name(name)
     state = model.__dict__.get("lora_state")
     if state is not None and name in state.configs:
         raise ValueError(f"adapter {name!r} is already on this model; delete it first or pick another name")
-    targets = find_targets(model, config)
+    targets = find_targets(model, config, missing_targets=missing_targets)
+    unused = unmatched_targets(config, targets)
+    if missing_targets == "drop" and unused:
+        config = config.replace(target_modules=[t for t in config.target_modules if t not in unused])
     saved_targets = _find_saved(model, config)
     if state is None:
         state = LoraState(requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
@@ -180,6 +208,7 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default", *,
     for _, module in lora_modules(model):
         module.set_active(state.active)
     _freeze_all_but(model, name, config)
+    swiglu.install(model)  # SwiGLU MLPs whose down_proj is now a LoRA layer
     return model
 
 
@@ -265,6 +294,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     del state.configs[name]
     state.active = [a for a in state.active if a != name]
     if not state.configs:
+        swiglu.remove(model)
         _restore_requires_grad(model, state)
         del model.__dict__["lora_state"]
 
@@ -274,6 +304,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     (and keeps the active trainable copies); ``merge=False`` restores the base model exactly as it
     was, up to float rounding of earlier merges. Returns the plain model."""
     state = lora_state(model)
+    swiglu.remove(model)
     for module_name, module in list(lora_modules(model)):
         if isinstance(module, LoraLayer):
             if merge:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..ops import delta_weight, lora_delta
-from ..ops.lora_linear import draw_seed, lora_linear_call
+from ..ops.lora_linear import draw_seed, lora_linear_call, lora_swiglu_linear_call
 from .base import LoraLayer
 
 
@@ -43,22 +44,48 @@ class LoraLinear(LoraLayer):
         self.in_features, self.out_features = dense_features(base_layer)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        route = self.route
-        names = route.names if route is not None else \
-            [n for n in self.active_adapters if n not in self.merged_adapters]
+        call = None if args or kwargs else self._op_call(x)
+        if call is None:
+            return self._reference(x, *args, **kwargs)
+        x, operands = call
+        out, _ = lora_linear_call(x, *operands)
+        return out
+
+    def forward_swiglu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """``self(silu(gate) * up)``, with the product made again in backward instead of kept, when
+        the op serves this call (`layers/swiglu.py` routes a Llama-style MLP's down projection here)."""
+        call = self._op_call(gate)
+        if call is None:
+            return self(F.silu(gate) * up)
+        gate, operands = call
+        out, _ = lora_swiglu_linear_call(gate, up.to(gate.dtype), *operands)
+        return out
+
+    def _reference(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        names = self.route.names if self.route is not None else self._unmerged_active()
         if self.disabled or not names:
             return self.base_layer(x, *args, **kwargs)
+        return super().forward(x, *args, **kwargs)
+
+    def _unmerged_active(self) -> list[str]:
+        return [n for n in self.active_adapters if n not in self.merged_adapters]
+
+    def _op_call(self, x: torch.Tensor):
+        """(x in the compute dtype, the op's other operands) when one op call computes this forward,
+        else None (the reference forward, or the base layer alone, computes it)."""
+        route = self.route
+        names = route.names if route is not None else self._unmerged_active()
+        if self.disabled or not names:
+            return None
         p = self._op_dropout(names)
-        if p is None or args or kwargs or torch._C._are_functorch_transforms_active():
-            return super().forward(x, *args, **kwargs)
+        if p is None or torch._C._are_functorch_transforms_active():
+            return None
         if torch.is_autocast_enabled(x.device.type):  # compute in autocast's dtype, as F.linear would
             x = x.to(torch.get_autocast_dtype(x.device.type))
         weight, bias = self.base_layer.weight, self.base_layer.bias
-        out, _ = lora_linear_call(
-            x, weight.t() if self.fan_in_fan_out else weight, bias,
-            [self.lora_A[n] for n in names], [self.lora_B[n] for n in names], [self.scaling[n] for n in names],
-            route.rows_of(x) if route is not None else None, p, draw_seed(p))
-        return out
+        return x, (weight.t() if self.fan_in_fan_out else weight, bias,
+                   [self.lora_A[n] for n in names], [self.lora_B[n] for n in names], [self.scaling[n] for n in names],
+                   route.rows_of(x) if route is not None else None, p, draw_seed(p))
 
     def _op_dropout(self, names) -> float | None:
         """The dropout p of one op call for ``names``, or None when the op cannot serve them."""
