@@ -217,3 +217,21 @@ def test_unload_and_delete_take_it_off_and_the_model_pickles(tokens):
     assert not routed_mlps(model)
     lorakit.delete_adapter(loaded, "default")
     assert not routed_mlps(loaded)
+
+
+def test_routed_merged_and_disabled_forwards_agree_with_the_plain_path(tokens):
+    model = tiny_llama().eval()
+    for name in ("a", "b"):
+        lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear"), name=name)
+    randomize_adapters(model)
+    plain = copy.deepcopy(model)
+    swiglu.remove(plain)
+    assert routed_mlps(model)
+    with torch.no_grad():
+        with lorakit.route(model, ["b", None]), lorakit.route(plain, ["b", None]):
+            torch.testing.assert_close(model(input_ids=tokens).logits, plain(input_ids=tokens).logits)
+        with lorakit.disabled(model), lorakit.disabled(plain):
+            torch.testing.assert_close(model(input_ids=tokens).logits, plain(input_ids=tokens).logits)
+        lorakit.use(model, "a"), lorakit.use(plain, "a")
+        lorakit.merge(model), lorakit.merge(plain)
+        torch.testing.assert_close(model(input_ids=tokens).logits, plain(input_ids=tokens).logits)
