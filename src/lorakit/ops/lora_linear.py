@@ -78,8 +78,14 @@ def _column_scales(scalings: Sequence[float], ranks: Sequence[int], like: Tensor
 
 def _cat(tensors: Sequence[Tensor], dim: int, dtype: torch.dtype) -> Tensor:
     if len(tensors) == 1:
-        return tensors[0].to(dtype)
-    return torch.cat([t.to(dtype) for t in tensors], dim)
+        return _as(tensors[0], dtype)
+    return torch.cat([_as(t, dtype) for t in tensors], dim)
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``; no call at all when it already is (the op's body runs as Python on every
+    call, compiled or not, so each torch call saved is host time saved)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], As: Sequence[Tensor], Bs: Sequence[Tensor],
@@ -87,19 +93,19 @@ def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], As: Sequence[Ten
              seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """(h, low): the layer's output (*x.shape[:-1], d_out) and the scaled projection (T, Σr)."""
     dt = x.dtype
-    ranks = [A.shape[0] for A in As]
     x2d = x.reshape(-1, x.shape[-1])                                   # (T, d_in)
     x_in = x2d * _keep_mask(x2d, dropout, seed) if dropout > 0 else x2d
-    low = x_in @ _cat(As, 0, dt).t()                                   # (T, d_in) @ (d_in, Σr) -> (T, Σr)
-    low = low * _column_scales(scalings, ranks, low)
+    low = torch.mm(x_in, _cat(As, 0, dt).t())                          # (T, d_in) @ (d_in, Σr) -> (T, Σr)
+    ranks = [A.shape[0] for A in As]
+    low.mul_(_column_scales(scalings, ranks, low))                     # in place: low is ours
     if route is not None:
-        low = low * _route_mask(route, ranks, dt)
+        low.mul_(_route_mask(route, ranks, dt))
     B_cat_t = _cat(Bs, 1, dt).t()                                      # (Σr, d_out)
     if bias is not None:
-        out = torch.addmm(bias.to(dt), low, B_cat_t)
+        out = torch.addmm(_as(bias, dt), low, B_cat_t)
     else:
-        out = low @ B_cat_t                                            # (T, Σr) @ (Σr, d_out) -> (T, d_out)
-    out.addmm_(x2d, weight.to(dt).t())                                 # the base GEMM accumulates onto it
+        out = torch.mm(low, B_cat_t)                                   # (T, Σr) @ (Σr, d_out) -> (T, d_out)
+    out.addmm_(x2d, _as(weight, dt).t())                               # the base GEMM accumulates onto it
     return out.view(*x.shape[:-1], weight.shape[0]), low
 
 
@@ -112,26 +118,26 @@ def _gradients(grad_out: Tensor, x: Tensor, weight: Tensor, low: Tensor, route: 
     dt = x.dtype
     ranks = [A.shape[0] for A in As]
     x2d = x.reshape(-1, x.shape[-1])
-    g = grad_out.reshape(-1, grad_out.shape[-1]).to(dt)                 # (T, d_out)
+    g = _as(grad_out.reshape(-1, grad_out.shape[-1]), dt)              # (T, d_out)
 
     dBs = [None] * len(Bs)
     if any(wants_B):
-        dB_cat = g.t() @ low                                           # (d_out, T) @ (T, Σr): s, route in low
-        dBs = [dB.to(B.dtype) if want else None
+        dB_cat = torch.mm(g.t(), low)                                  # (d_out, T) @ (T, Σr): s, route in low
+        dBs = [_as(dB, B.dtype) if want else None
                for dB, B, want in zip(dB_cat.split(ranks, 1), Bs, wants_B)]
-    g_low = (g @ _cat(Bs, 1, dt)) * _column_scales(scalings, ranks, g)  # (T, Σr)
+    g_low = torch.mm(g, _cat(Bs, 1, dt)).mul_(_column_scales(scalings, ranks, g))  # (T, Σr)
     if route is not None:
-        g_low = g_low * _route_mask(route, ranks, dt)
+        g_low.mul_(_route_mask(route, ranks, dt))
     mask = _keep_mask(x2d, dropout, seed) if dropout > 0 else None
     dAs = [None] * len(As)
     if any(wants_A):
-        dA_cat = g_low.t() @ (x2d * mask if mask is not None else x2d)  # (Σr, T) @ (T, d_in)
-        dAs = [dA.to(A.dtype) if want else None for dA, A, want in zip(dA_cat.split(ranks, 0), As, wants_A)]
+        dA_cat = torch.mm(g_low.t(), x2d * mask if mask is not None else x2d)  # (Σr, T) @ (T, d_in)
+        dAs = [_as(dA, A.dtype) if want else None for dA, A, want in zip(dA_cat.split(ranks, 0), As, wants_A)]
     dx = None
     if wants_x:
         input_grad = torch.ops.lorakit.lora_input_grad if traced else _input_grad
-        dx = input_grad(g, weight.to(dt), g_low, _cat(As, 0, dt), mask).view(x.shape)
-    dW = (g.t() @ x2d).to(weight.dtype) if wants_w else None
+        dx = input_grad(g, _as(weight, dt), g_low, _cat(As, 0, dt), mask).view(x.shape)
+    dW = _as(torch.mm(g.t(), x2d), weight.dtype) if wants_w else None
     db = g.sum(0) if wants_b else None
     return dx, dW, db, dAs, dBs
 
