@@ -64,16 +64,17 @@ _keep_mask = dropout_keep_mask
 
 
 def _route_mask(route: Tensor, ranks: Sequence[int], dtype: torch.dtype) -> Tensor:
-    """(T, Σr): 1 where row t's adapter owns column c of low, else 0."""
-    owner = torch.tensor([k for k, r in enumerate(ranks) for _ in range(r)], device=route.device)  # (Σr,)
+    """(T, Σr): 1 where row t's adapter owns column c of low, else 0. Made on the route's device from
+    Python numbers (fills, no host-to-device copy), so a CUDA graph can capture it."""
+    owner = torch.cat([route.new_full((r,), k) for k, r in enumerate(ranks)])  # (Σr,)
     return (route.reshape(-1, 1) == owner).to(dtype)
 
 
 def _column_scales(scalings: Sequence[float], ranks: Sequence[int], like: Tensor) -> Tensor | float:
-    """s_k for each column of low: a number for one adapter, a (Σr,) vector for several."""
+    """s_k for each column of low: a number for one adapter, a (Σr,) vector (fills) for several."""
     if len(ranks) == 1:
         return scalings[0]
-    return torch.tensor([s for s, r in zip(scalings, ranks) for _ in range(r)], device=like.device, dtype=like.dtype)
+    return torch.cat([like.new_full((r,), s) for s, r in zip(scalings, ranks)])
 
 
 def _cat(tensors: Sequence[Tensor], dim: int, dtype: torch.dtype) -> Tensor:
