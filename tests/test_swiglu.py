@@ -15,7 +15,8 @@ from torch import nn
 import lorakit
 from lorakit.layers import swiglu
 from lorakit.layers.swiglu import SwiGLUForward
-from lorakit.ops.lora_linear import _EagerLoraSwiGLULinear, _keep_mask, draw_seed
+from lorakit.ops.lora_linear import _keep_mask, draw_seed
+from lorakit.ops.swiglu_linear import _EagerLoraSwiGLULinear
 from lorakit.ops.reference import lora_delta
 
 from conftest import randomize_adapters, tiny_llama

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import delta_weight, lora_delta
-from ..ops.lora_linear import draw_seed, lora_linear_call, lora_swiglu_linear_call
+from ..ops.lora_linear import draw_seed, lora_linear_call
+from ..ops.swiglu_linear import lora_swiglu_linear_call
 from .base import LoraLayer
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.lora_linear import swiglu
+from ..ops.swiglu_linear import swiglu
 from .linear import LoraLinear
 
 SILU_TYPES = ("SiLU", "SiLUActivation")  # torch's and transformers' modules for F.silu
