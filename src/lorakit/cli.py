@@ -7,6 +7,7 @@ underscores); options given on the command line win over the file.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -14,41 +15,88 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # lorakit never downloads models
 
 
+MODEL_HELP = "'default' (the embedded SmolLM2-135M-Instruct), a model directory or a .gguf file"
+DEVICE_HELP = "auto: cuda if there is one (cuda:LOCAL_RANK under torchrun), else cpu; or cpu, cuda, cuda:1, ..."
+# The rule is lorakit.data.tokenize_example's (separator="\n"); generate and eval follow it.
+PROMPT_ENCODING = (
+    "How prompts are encoded: as `lorakit train` encoded them. A prompt is followed by a newline "
+    "(\"\\n\"), and the model writes the completion after it, ending with EOS; the tokenizer adds its "
+    "special tokens (BOS, where it has one) in front. With --chat-template, the prompt is the user turn of "
+    "the tokenizer's chat template and the model writes the assistant turn. To use a merged model elsewhere, "
+    "prompt it the same way: the prompt text plus \"\\n\".")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default after its help, except where the default is None or False: a switch
+    is off unless given, and an option without a value says in its help what its absence means."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def _train_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("train", help="LoRA fine-tuning of a model on a data file (or --data demo)")
-    p.add_argument("--config", help="YAML file with any of these options")
-    p.add_argument("--model", default="default", help="'default' (SmolLM2-135M), a model dir or a .gguf file")
-    p.add_argument("--task", default="causal", choices=["causal", "classification"])
-    p.add_argument("--data", default="demo", help="JSONL/CSV/TSV/E2E file, or 'demo' for the generated task")
-    p.add_argument("--eval-data", help="held-out file for eval loss (and accuracy)")
-    p.add_argument("--format", default="auto", choices=["auto", "jsonl", "e2e", "classification"])
-    p.add_argument("--out", default="runs/lora", help="run directory")
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--alpha", type=float, default=16)
+    p = sub.add_parser("train", help="LoRA fine-tuning of a model on a data file (or the demo task)",
+                       description="LoRA fine-tuning of a model on a data file. Without --data, the built-in "
+                                   "demo task is trained (generated records; see `lorakit demo`), and the run "
+                                   "says so in its first line.",
+                       formatter_class=HelpFormatter)
+    p.add_argument("--config", help="YAML file with any of these options (dashes or underscores); "
+                   "the command line wins over it (default: none)")
+    p.add_argument("--model", default="default", help=MODEL_HELP)
+    p.add_argument("--task", default="causal", choices=["causal", "classification"],
+                   help="causal: prompt -> completion; classification: text (or a pair) -> label")
+    p.add_argument("--data", default="demo",
+                   help="training file: JSONL (prompt/completion, or text), CSV/TSV/JSONL with a label "
+                        "(--task classification) or E2E (MR||reference); 'demo', the default, is the "
+                        "built-in generated demo task, for trying lorakit without data")
+    p.add_argument("--eval-data", help="held-out file for eval loss (and accuracy) (default: none: no "
+                   "evaluation; the demo task brings its own held-out examples)")
+    p.add_argument("--format", default="auto", choices=["auto", "jsonl", "e2e", "classification"],
+                   help="how to read --data; auto: from the file's extension and first line")
+    p.add_argument("--out", default="runs/lora", help="run directory: adapter/, checkpoint/, metrics.jsonl, "
+                   "loss.png, run.json")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank r of ΔW = B·A")
+    p.add_argument("--alpha", type=float, default=16, help="LoRA α: ΔW is scaled by α/r")
     p.add_argument("--targets", help="comma list, a regex, or all-linear (default: the paper's Wq, Wv: "
                    "q_proj,v_proj; query,value for --task classification)")
-    p.add_argument("--modules-to-save", help="comma list of modules trained in full (default for "
+    p.add_argument("--allow-missing-targets", action="store_true",
+                   help="adapt the --targets names that match a module and leave out (with a warning, and "
+                        "from adapter_config.json) those that match none (default: off: a name that matches "
+                        "no module is an error that lists the names there are)")
+    p.add_argument("--modules-to-save", help="comma list of modules trained in full (default: none; for "
                    "--task classification: classifier)")
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--warmup", type=int, default=0, help="warmup steps")
-    p.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"])
-    p.add_argument("--label-smoothing", type=float, default=0.0)
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--steps", type=int, help="optimizer steps (overrides --epochs)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--save-every", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--chat-template", action="store_true", help="format examples with the chat template")
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout on the adapter's input (LoRA dropout)")
+    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate of AdamW, reached after --warmup")
+    p.add_argument("--weight-decay", type=float, default=0.01,
+                   help="AdamW weight decay of the LoRA matrices (never of biases or norms)")
+    p.add_argument("--warmup", type=int, default=0, help="steps of linear warmup from 0 to --lr")
+    p.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"],
+                   help="learning rate after warmup: linear or cosine decay to 0, or constant")
+    p.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="label smoothing of the loss (the paper's E2E runs use 0.1)")
+    p.add_argument("--epochs", type=float, default=1.0,
+                   help="passes over the training data (fractions allowed); --steps overrides it")
+    p.add_argument("--steps", type=int, help="optimizer steps (default: as many as --epochs takes)")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per batch, across all processes")
+    p.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step (gradient accumulation)")
+    p.add_argument("--seq-len", type=int, default=256,
+                   help="longest example in tokens; a longer one loses prompt tokens from its start first")
+    p.add_argument("--eval-every", type=int, default=100, help="steps between evaluations on the held-out data")
+    p.add_argument("--save-every", type=int, default=100,
+                   help="steps between resumable checkpoints (one is also written at the end)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the run's random numbers (data order, dropout, "
+                   "the adapter's initialisation)")
+    p.add_argument("--chat-template", action="store_true",
+                   help="format examples with the tokenizer's chat template (prompt: user turn, completion: "
+                        "assistant turn) instead of prompt + newline + completion")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip malformed lines (counted) instead of failing")
-    p.add_argument("--text-column", default="sentence")
-    p.add_argument("--text-pair-column")
-    p.add_argument("--label-column", default="label")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--text-column", default="sentence", help="classification: the column that holds the text")
+    p.add_argument("--text-pair-column", help="classification: the column of a pair's second text, e.g. RTE's "
+                   "sentence2 (default: none: single texts)")
+    p.add_argument("--label-column", default="label", help="classification: the column that holds the label")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     compiling = p.add_mutually_exclusive_group()
     compiling.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                            help="torch.compile the training step; auto: on CUDA only (default: %(default)s)")
@@ -57,20 +105,33 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun, shard the model across processes (FSDP2) instead of one copy each (DDP)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="start afresh in an OUT that has a checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an OUT that holds a run; the old run stays whole (and resumable) "
+                        "until the new one writes its first checkpoint, which then replaces it")
     return p
 
 
-def _generation_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="default")
-    p.add_argument("--adapter", help="adapter directory (PEFT format)")
-    p.add_argument("--merge", action="store_true", help="merge the adapter into the weights first")
-    p.add_argument("--chat-template", action="store_true")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--beams", type=int, default=1)
-    p.add_argument("--length-penalty", type=float, default=1.0)
-    p.add_argument("--no-repeat-ngram", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16)
+def _generation_options(p: argparse.ArgumentParser, formats: list[str]) -> None:
+    p.add_argument("--model", default="default", help=MODEL_HELP)
+    p.add_argument("--adapter", help="adapter directory (PEFT format) (default: none: the base model alone)")
+    p.add_argument("--merge", action="store_true",
+                   help="merge the adapter into the weights first (same outputs, the base model's speed)")
+    p.add_argument("--chat-template", action="store_true",
+                   help="wrap each prompt in the tokenizer's chat template, for an adapter trained with "
+                        "train --chat-template (see 'How prompts are encoded' below)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens generated per prompt")
+    p.add_argument("--beams", type=int, default=1,
+                   help="beam width; 1 is greedy decoding (the paper decodes E2E with 10 beams)")
+    p.add_argument("--length-penalty", type=float, default=1.0,
+                   help="beam search only: a hypothesis scores its log-probability / length^penalty, so a "
+                        "larger value favours longer outputs (the paper: 0.8 for E2E)")
+    p.add_argument("--no-repeat-ngram", type=int, default=0,
+                   help="never repeat an n-gram of this many tokens, the prompt's included; 0: off")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts generated together")
+    p.add_argument("--format", default="auto", choices=formats,
+                   help="how to read --data; auto: from the file's extension and first line")
+    p.add_argument("--skip-bad-lines", action="store_true",
+                   help="skip malformed lines of --data (counted) instead of failing")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,35 +139,49 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
 
-    g = sub.add_parser("generate", help="generate text with a model and an optional adapter")
-    _generation_options(g)
+    g = sub.add_parser("generate", help="generate text with a model and an optional adapter",
+                       description="Generate a completion for each prompt with a model and an optional adapter.",
+                       epilog=PROMPT_ENCODING, formatter_class=HelpFormatter)
+    _generation_options(g, ["auto", "jsonl", "e2e"])
     src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    src.add_argument("--data", help="file of prompts (JSONL prompt/completion or E2E)")
-    g.add_argument("--out", help="write one JSON line per prompt here")
+    src.add_argument("--prompt", action="append", help="a prompt (repeatable); give --prompt or --data")
+    src.add_argument("--data", help="file of prompts: JSONL (prompt; a completion is ignored) or E2E (MR||reference)")
+    g.add_argument("--out", help="write one JSON line {prompt, output} per prompt here (default: print them)")
 
-    e = sub.add_parser("eval", help="BLEU/NIST/ROUGE-L/CIDEr over references, or accuracy")
-    _generation_options(e)
+    e = sub.add_parser("eval", help="BLEU/NIST/ROUGE-L/CIDEr over references, or accuracy",
+                       description="Score an adapter: generate for each unique prompt and compare with all of its "
+                                   "references (BLEU 0-100, NIST, ROUGE-L 0-1, CIDEr), or, for a classifier, "
+                                   "accuracy (0-1). The JSON holds each metric's scale under 'scales'.",
+                       epilog=PROMPT_ENCODING, formatter_class=HelpFormatter)
+    _generation_options(e, ["auto", "jsonl", "e2e", "classification"])
     e.add_argument("--data", required=True, help="E2E / JSONL prompt-completion file, or a classification file")
-    e.add_argument("--task", default="causal", choices=["causal", "classification"])
-    e.add_argument("--limit", type=int, help="score only the first N unique prompts")
-    e.add_argument("--out", help="write scores (JSON) here; hypotheses go beside it")
+    e.add_argument("--task", default="causal", choices=["causal", "classification"],
+                   help="causal: generate and score against references; classification: accuracy of a classifier")
+    e.add_argument("--limit", type=int, help="score only the first N unique prompts (default: all)")
+    e.add_argument("--out", help="write scores (JSON) here; hypotheses go beside it (default: print only)")
 
-    m = sub.add_parser("merge", help="write a merged full model that transformers loads")
-    m.add_argument("--model", default="default")
-    m.add_argument("--adapter", required=True)
-    m.add_argument("--out", required=True)
+    m = sub.add_parser("merge", help="write a merged full model that transformers loads",
+                       description="Fold an adapter into its base model (W = W0 + BA) and write a plain "
+                                   "transformers model with its tokenizer.", formatter_class=HelpFormatter)
+    m.add_argument("--model", default="default", help=MODEL_HELP)
+    m.add_argument("--adapter", required=True, help="adapter directory (PEFT format) to merge")
+    m.add_argument("--out", required=True, help="new directory for the merged model and its tokenizer")
 
-    d = sub.add_parser("demo", help="fine-tune the embedded SmolLM2 on the generated demo task (CPU, minutes)")
-    d.add_argument("--out", default="runs/demo")
-    d.add_argument("--steps", type=int, default=60)
-    d.add_argument("--device", default="auto")
+    d = sub.add_parser("demo", help="fine-tune the embedded SmolLM2 on the generated demo task (CPU, minutes)",
+                       description="Fine-tune the embedded SmolLM2-135M on the generated demo task and show "
+                                   "held-out outputs before and after (what `make demo` runs).",
+                       formatter_class=HelpFormatter)
+    d.add_argument("--out", default="runs/demo", help="run directory (as for train --out)")
+    d.add_argument("--steps", type=int, default=60, help="optimizer steps of the demo run")
+    d.add_argument("--device", default="auto", help=DEVICE_HELP)
 
     a = sub.add_parser("analyze", help="norms, spectra, subspace similarity and ΔW-vs-W amplification of "
-                                       "one or two adapters (Hu et al. 2021, §7)")
+                                       "one or two adapters (Hu et al. 2021, §7)", formatter_class=HelpFormatter)
     a.add_argument("adapter", help="adapter directory (PEFT format)")
-    a.add_argument("adapter2", nargs="?", help="a second adapter of the same base model, to compare with")
-    a.add_argument("--model", help="base model ('default', a model dir or a .gguf file) for the amplification table")
+    a.add_argument("adapter2", nargs="?", help="a second adapter of the same base model, to compare with "
+                   "(default: none: one adapter alone)")
+    a.add_argument("--model", help="base model ('default', a model dir or a .gguf file) for the amplification "
+                   "table (default: none: no amplification table)")
     a.add_argument("--task", default="causal", choices=["causal", "classification"],
                    help="how to load --model (classification: 'default' is the embedded MiniLM)")
     a.add_argument("--out", required=True, help="directory for report.md, report.json and the PNG figures")
@@ -138,12 +213,39 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# Library keywords that a flag of another name sets: TrainConfig.warmup_steps is --warmup, and so on.
+_KEYWORD_DESTS = {"warmup_steps": "warmup", "max_steps": "steps", "out_dir": "out", "r": "rank",
+                  "target_modules": "targets", "num_beams": "beams", "no_repeat_ngram_size": "no_repeat_ngram"}
+
+
+def command_flags(command: str) -> dict[str, str]:
+    """Library keyword -> the flag of `lorakit COMMAND` that sets it (`skip_bad_lines` -> `--skip-bad-lines`)."""
+    sub = build_parser()._subparsers._group_actions[0].choices[command]
+    flags: dict[str, str] = {}
+    for action in sub._actions:
+        if action.option_strings and action.dest != "help":
+            flags.setdefault(action.dest, action.option_strings[0])  # --compile before --no-compile
+    flags.update({keyword: flags[dest] for keyword, dest in _KEYWORD_DESTS.items() if dest in flags})
+    if "--allow-missing-targets" in flags.values():
+        flags["missing_targets=drop"] = "--allow-missing-targets"
+    return flags
+
+
+def _message(error: BaseException, command: str) -> str:
+    """The error's text; where it names options (a SettingError), named by this command's flags."""
+    from .hints import SettingError
+
+    return error.render(command_flags(command)) if isinstance(error, SettingError) else str(error)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     from . import commands  # heavy imports (torch, transformers) only after parsing
+    from .models import quiet_transformers
 
     try:
-        return getattr(commands, args.command)(args) or 0
+        with quiet_transformers():  # no "Loading weights" bars or load reports: lorakit says what matters
+            return getattr(commands, args.command)(args) or 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -151,8 +253,34 @@ def main(argv: list[str] | None = None) -> int:
         # Our errors say what is wrong and what to do; a traceback adds nothing for a user.
         if os.environ.get("LORAKIT_DEBUG"):
             raise
-        print(f"lorakit {args.command}: error: {e}", file=sys.stderr)
+        print(f"lorakit {args.command}: error: {_message(e, args.command)}", file=sys.stderr)
         return 2
+    except OSError as e:
+        # A full disk, a read-only folder, a file where a folder should be: the path and what to do.
+        if os.environ.get("LORAKIT_DEBUG"):
+            raise
+        print(f"lorakit {args.command}: error: {_os_error_message(e)}", file=sys.stderr)
+        return 2
+
+
+_OS_ADVICE = {
+    errno.ENOSPC: "the disk is full: free some space, or write somewhere else",
+    errno.EDQUOT: "the disk quota is used up: free some space, or write somewhere else",
+    errno.EACCES: "permission denied: choose a folder you can write to",
+    errno.EPERM: "permission denied: choose a folder you can write to",
+    errno.EROFS: "the file system is read-only: choose a folder you can write to",
+    errno.ENOTDIR: "a part of this path is a file, not a folder: choose another path",
+    errno.EISDIR: "this is a folder, and a file is needed here: give a file path",
+    errno.EEXIST: "something is already there: move it away or choose another path",
+}
+
+
+def _os_error_message(error: OSError) -> str:
+    """One line: the path the system refused, and what the user can do about it."""
+    if error.errno is None:
+        return str(error)
+    advice = _OS_ADVICE.get(error.errno, error.strerror or str(error))
+    return f"{error.filename}: {advice}" if error.filename else advice
 
 
 if __name__ == "__main__":

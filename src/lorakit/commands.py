@@ -9,11 +9,14 @@ from pathlib import Path
 from .adapters import merge as merge_adapters
 from .config import ALL_LINEAR, LoraConfig
 from .data import ClassificationExample, Example, load_examples
-from .finetune import DataSpec, finetune, is_main_process, load_model
+from .files import (atomic_write_dir, atomic_write_files, atomic_write_text, prepare_output_dir,
+                    prepare_output_file)
+from .finetune import DEMO_DATA, DataSpec, finetune, is_main_process
 from .generate import generate_text
 from .inject import unload
 from .io import load_adapter
-from .metrics import accuracy, corpus_scores, group_references
+from .metrics import SCALES, accuracy, corpus_scores, group_references
+from .models import load_model
 from .train import TrainConfig
 
 
@@ -24,6 +27,10 @@ def _targets(text: str) -> list[str] | str:
 
 
 def train(args: argparse.Namespace) -> None:
+    if args.data == DEMO_DATA and is_main_process():
+        # The first line of the run, so nobody mistakes the demo for a run on their own data.
+        print("data: the built-in demo task (generated records, lorakit.demo_task), since --data is not given "
+              "or is 'demo'; pass --data FILE to train on your own data")
     classify = args.task == "classification"
     # §4.2 defaults: adapt Wq and Wv; a classifier's new head has to train in full.
     targets = args.targets or ("query,value" if classify else "q_proj,v_proj")
@@ -40,9 +47,17 @@ def train(args: argparse.Namespace) -> None:
                     chat_template=args.chat_template, skip_bad_lines=args.skip_bad_lines,
                     text_column=args.text_column, text_pair_column=args.text_pair_column,
                     label_column=args.label_column)
-    result, _, _ = finetune(args.model, data, lora, config, task=args.task, resume=args.resume)
-    if is_main_process():
-        print(f"done: {result.steps} steps; adapter in {result.adapter_dir}; metrics in {result.metrics_path}")
+    prepare_output_dir(args.out)  # before the work: a run that cannot write its files fails now
+    finetune(args.model, data, lora, config, task=args.task, resume=args.resume,  # it prints its "done:" line
+             missing_targets="drop" if args.allow_missing_targets else "error")
+
+
+def _read_examples(args: argparse.Namespace, format: str) -> list:
+    """The examples of `args.data` for generate and eval, saying how many malformed lines were skipped."""
+    result = load_examples(args.data, format, skip_bad_lines=args.skip_bad_lines)
+    if result.n_skipped:
+        print(f"{args.data}: skipped {result.n_skipped} malformed line(s), first at line {result.skipped[0][0]}")
+    return result
 
 
 def _model_with_adapter(args: argparse.Namespace, task: str = "causal"):
@@ -62,15 +77,16 @@ def _generation_kwargs(args: argparse.Namespace) -> dict:
 
 
 def generate(args: argparse.Namespace) -> None:
-    prompts = args.prompt or [ex.prompt for ex in load_examples(args.data) if isinstance(ex, Example)]
+    prompts = args.prompt or [ex.prompt for ex in _read_examples(args, args.format) if isinstance(ex, Example)]
     if not prompts:
         raise ValueError(f"{args.data}: no prompts found (expected prompt/completion JSONL or E2E lines)")
+    if args.out:
+        prepare_output_file(args.out)  # before the work: a path that cannot be written fails now
     model, tokenizer = _model_with_adapter(args)
     outputs = generate_text(model, tokenizer, prompts, **_generation_kwargs(args))
     if args.out:
-        with open(args.out, "w") as f:
-            for p, o in zip(prompts, outputs):
-                f.write(json.dumps({"prompt": p, "output": o}) + "\n")
+        atomic_write_text(args.out, "".join(json.dumps({"prompt": p, "output": o}) + "\n"
+                                            for p, o in zip(prompts, outputs)))
         print(f"wrote {len(outputs)} outputs to {args.out}")
     else:
         for p, o in zip(prompts, outputs):
@@ -78,9 +94,11 @@ def generate(args: argparse.Namespace) -> None:
 
 
 def eval(args: argparse.Namespace) -> None:  # noqa: A001 - the command's name
-    examples = load_examples(args.data, "classification" if args.task == "classification" else "auto")
+    if args.out:
+        prepare_output_file(args.out)  # before the work: the scores must not be lost at the end
+    examples = _read_examples(args, "classification" if args.task == "classification" else args.format)
     if args.task == "classification" or (examples and isinstance(examples[0], ClassificationExample)):
-        scores = _eval_classification(args, examples)
+        scores, hypotheses = _eval_classification(args, examples), None
     else:
         sources, references = group_references([(ex.prompt, ex.completion) for ex in examples])
         if args.limit:
@@ -89,15 +107,19 @@ def eval(args: argparse.Namespace) -> None:  # noqa: A001 - the command's name
         hypotheses = generate_text(model, tokenizer, sources, **_generation_kwargs(args))
         scores = corpus_scores(hypotheses, references)
         scores["examples"] = len(sources)
-        if args.out:
-            Path(args.out).with_suffix(".hypotheses.txt").write_text("\n".join(hypotheses) + "\n")
+        scores["scales"] = {name: SCALES[name] for name in scores if name in SCALES}
     print(json.dumps(scores, indent=2))
     if args.out:
-        Path(args.out).write_text(json.dumps(scores, indent=2) + "\n")
+        out = Path(args.out)
+        files = {out: lambda tmp: tmp.write_text(json.dumps(scores, indent=2) + "\n")}
+        if hypotheses is not None:
+            files[out.with_suffix(".hypotheses.txt")] = lambda tmp: tmp.write_text("\n".join(hypotheses) + "\n")
+        atomic_write_files(files)
 
 
 def _eval_classification(args: argparse.Namespace, examples: list) -> dict:
     import torch
+    from tqdm.auto import tqdm
 
     from .data import collate, tokenize_classification
 
@@ -108,33 +130,41 @@ def _eval_classification(args: argparse.Namespace, examples: list) -> dict:
     examples = examples[:args.limit] if args.limit else examples
     predictions = []
     with torch.inference_mode():
-        for i in range(0, len(examples), args.batch_size):
+        starts = range(0, len(examples), args.batch_size)
+        for i in tqdm(starts, desc="eval", unit="batch", disable=len(starts) < 2):
             chunk = [tokenize_classification(ex, tokenizer, 512) for ex in examples[i:i + args.batch_size]]
             batch = collate(chunk, tokenizer.pad_token_id)
             batch.pop("labels")
             predictions += model(**batch).logits.argmax(-1).tolist()
-    return {"accuracy": accuracy(predictions, [ex.label for ex in examples]), "examples": len(examples)}
+    return {"accuracy": accuracy(predictions, [ex.label for ex in examples]), "examples": len(examples),
+            "scales": {"accuracy": SCALES["accuracy"]}}
 
 
 def merge(args: argparse.Namespace) -> None:
+    out = prepare_output_dir(args.out)  # refused before anything loads
     model, tokenizer = load_model(args.model, "causal")
     load_adapter(model, args.adapter)
     plain = unload(model, merge=True)
-    out = Path(args.out)
-    plain.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+
+    def write(folder: Path) -> None:
+        plain.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    atomic_write_dir(out, write)
     print(f"wrote a merged model to {out} (load it with transformers' from_pretrained)")
 
 
 def demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
+    prepare_output_dir(args.out)
     run_demo(out_dir=args.out, steps=args.steps, device=args.device)
 
 
 def analyze(args: argparse.Namespace) -> None:
     from .analysis import analyze_adapters, common_layers, read_adapter_deltas, write_report
 
+    prepare_output_dir(args.out)
     adapters = [read_adapter_deltas(p) for p in (args.adapter, args.adapter2) if p]
     common_layers(adapters)  # adapters that cannot be compared fail here, before a model loads
     model = None

@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+from .hints import Setting, SettingError
+
 # Module-name components under which transformers models keep their repeated blocks; the number
 # after one of them is the layer index that `layers_to_transform` refers to (as in PEFT).
 LAYER_CONTAINERS = ("layers", "h", "block", "blocks", "layer")
@@ -22,8 +24,8 @@ BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = ("kaiming", "gaussian")
 
 
-class ConfigError(ValueError):
-    """A LoraConfig that cannot be used as given."""
+class ConfigError(SettingError):
+    """A LoraConfig that cannot be used as given (a ValueError; `Setting` parts name the field)."""
 
 
 @dataclass(frozen=True)
@@ -82,11 +84,11 @@ class LoraConfig:
 
     def _validate(self) -> None:
         if not isinstance(self.r, int) or self.r <= 0:
-            raise ConfigError(f"r must be a positive integer, got {self.r!r}")
+            raise ConfigError(Setting("r"), f" must be a positive integer (the LoRA rank), got {self.r!r}")
         if not math.isfinite(self.alpha) or self.alpha <= 0:
-            raise ConfigError(f"alpha must be a positive number, got {self.alpha!r}")
+            raise ConfigError(Setting("alpha"), f" must be a positive number, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+            raise ConfigError(Setting("dropout"), f" must be in [0, 1), got {self.dropout!r}")
         if not self.target_modules:
             raise ConfigError("target_modules is empty: name the modules to adapt, "
                               "e.g. ['q_proj', 'v_proj'] or 'all-linear'")

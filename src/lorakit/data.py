@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from lorakit.demo_task import demo_task  # noqa: F401  (re-exported: the demo is one of the data sources)
+from lorakit.hints import Setting, SettingError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -53,11 +54,15 @@ class ClassificationExample:
     text_pair: str | None = None
 
 
-class DataFormatError(ValueError):
-    """A malformed line; `path` and `line` (1-based) say where, so the user can open the file there."""
+class DataFormatError(SettingError):
+    """A malformed line; `path` and `line` (1-based) say where, so the user can open the file there.
 
-    def __init__(self, path: Path, line: int, message: str) -> None:
-        super().__init__(f"{path}, line {line}: {message}")
+    `parts` after the location are text and `Setting`s (the options that would fix it), so the
+    command line can name its flags (`--skip-bad-lines`) where Python users read keywords.
+    """
+
+    def __init__(self, path: Path, line: int, *parts: str | Setting) -> None:
+        super().__init__(f"{path}, line {line}: ", *parts)
         self.path, self.line = path, line
 
 
@@ -80,7 +85,8 @@ class LoadResult(list[T]):
 
     def _bad(self, line: int, reason: str, skip: bool) -> None:
         if not skip:
-            raise DataFormatError(self.path, line, f"{reason} (or pass skip_bad_lines=True to skip such lines)")
+            raise DataFormatError(self.path, line, f"{reason} (or pass ", Setting("skip_bad_lines", True),
+                                  " to skip such lines)")
         self.skipped.append((line, reason))
 
 
@@ -173,8 +179,9 @@ def read_classification(path: str | Path, text_column: str = "sentence", label_c
             header = next(reader, None)
             absent = [c for c in columns if header is None or c not in header]
             if absent:
-                raise DataFormatError(result.path, 1, f"header {header} lacks column(s) {absent}; "
-                                      "set text_column / text_pair_column / label_column")
+                raise DataFormatError(result.path, 1, f"header {header} lacks column(s) {absent}; set ",
+                                      Setting("text_column"), " / ", Setting("text_pair_column"), " / ",
+                                      Setting("label_column"), " to the header's names")
             for fields in reader:
                 if not any(x.strip() for x in fields):
                     continue
@@ -202,11 +209,13 @@ def load_examples(path: str | Path, format: str = "auto", **kw: Any) -> LoadResu
 
     "auto": `.csv`/`.tsv` are classification; `.txt` with `||` in its first line is E2E; JSONL is
     prompt/completion/text unless a classification keyword is passed or its first record has a
-    `label` and no `prompt`/`text`.
+    `label` and no `prompt`/`text`. A file with no non-blank line is an error, in every format.
     """
     path = Path(path)
+    first = next((line for _, line in _lines(path)), None)
+    if first is None:
+        raise ValueError(f"{path} is empty: it has no lines with data")
     if format == "auto":
-        first = next((line for _, line in _lines(path)), "")
         if path.suffix.lower() in (".csv", ".tsv") or kw.keys() - {"skip_bad_lines"}:
             format = "classification"
         elif first.lstrip().startswith("{"):
@@ -215,8 +224,8 @@ def load_examples(path: str | Path, format: str = "auto", **kw: Any) -> LoadResu
         elif "||" in first:
             format = "e2e"
         else:
-            raise ValueError(f"cannot tell the format of {path} from its name or first line; "
-                             'pass format="jsonl", "e2e" or "classification"')
+            raise SettingError(f"cannot tell the format of {path} from its name or first line; set ",
+                               Setting("format"), " to 'jsonl', 'e2e' or 'classification'")
     readers: dict[str, Callable[..., LoadResult[Any]]] = {
         "jsonl": read_jsonl, "e2e": read_e2e, "classification": read_classification}
     if format not in readers:
@@ -251,7 +260,8 @@ def _encode(ex: Example, tokenizer: PreTrainedTokenizerBase, chat_template: bool
         prompt = ""
     elif wrapped:
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("chat_template=True, but the tokenizer has no chat_template; pass chat_template=False")
+            raise SettingError(Setting("chat_template", True), " was given, but the tokenizer has no chat_template; "
+                               "leave it out, or use a tokenizer that has one")
         user = [{"role": "user", "content": ex.prompt}]
         prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
         full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": ex.completion}], tokenize=False)

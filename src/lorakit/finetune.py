@@ -17,8 +17,9 @@ import torch
 from .config import LoraConfig
 from .data import (Batches, ClassificationExample, Example, collate, demo_task, load_examples,
                    tokenize_classification, tokenize_example)
+from .hints import Setting, SettingError
 from .inject import inject
-from .models import load_causal_lm, load_classifier, model_info
+from .models import load_model, model_info
 from .train import TrainConfig, TrainResult, train
 
 DEMO_DATA = "demo"  # `--data demo`: the generated demo task (lorakit.demo_task), no file needed
@@ -41,20 +42,12 @@ class DataSpec:
     demo_examples: tuple[int, int] = (2000, 64)  # (train, eval) sizes for the demo task
 
 
-def load_model(spec: str, task: str, num_labels: int = 2):
-    """(model, tokenizer) for a causal LM or a sequence classifier."""
-    if task == "classification":
-        return load_classifier(spec, num_labels=num_labels)
-    if task != "causal":
-        raise ValueError(f"task must be 'causal' or 'classification', got {task!r}")
-    return load_causal_lm(spec)
-
-
 def read_data(spec: DataSpec, task: str) -> tuple[list[Any], list[Any] | None, dict[str, int] | None]:
     """(train examples, eval examples or None, label map or None)."""
     if spec.train == DEMO_DATA:
         if task != "causal":
-            raise ValueError("the demo task is text generation; use --task causal with --data demo")
+            raise SettingError("the demo task is text generation: use ", Setting("task", "causal"),
+                               " with it, or give a classification data file")
         train_ex, eval_ex = demo_task(*spec.demo_examples)
         return train_ex, (eval_ex if spec.eval is None else _read(spec, spec.eval, task, None)[0]), None
     train_ex, label_map = _read(spec, spec.train, task, None)
@@ -70,7 +63,7 @@ def _read(spec: DataSpec, path: str, task: str, label_map: dict[str, int] | None
     else:
         result = load_examples(path, spec.format, skip_bad_lines=spec.skip_bad_lines)
         if result and not isinstance(result[0], Example):
-            raise ValueError(f"{path} holds classification examples; pass --task classification")
+            raise SettingError(f"{path} holds classification examples; pass ", Setting("task", "classification"))
     if result.n_skipped and is_main_process():
         print(f"{path}: skipped {result.n_skipped} malformed line(s), first at line {result.skipped[0][0]}")
     if not result:
@@ -86,14 +79,21 @@ def tokenize_all(examples: list[Any], tokenizer, spec: DataSpec) -> list[dict[st
 
 def finetune(model_spec: str, data: DataSpec, lora: LoraConfig, config: TrainConfig, *,
              task: str = "causal", resume: bool = False, model=None, tokenizer=None,
-             eval_fn=None) -> tuple[TrainResult, Any, Any]:
+             eval_fn=None, missing_targets: str = "warn") -> tuple[TrainResult, Any, Any]:
     """Load, inject, train and save; returns (result, model, tokenizer). Prints what a user wants
-    to see first: trainable parameters against the total, and the adapter's size against the base's."""
+    to see first: trainable parameters against the total, and the adapter's size against the base's.
+
+    Every random number of the run comes from ``config.seed``: a new classifier head, the adapter's
+    initial A, then (in ``train``) data order and dropout. ``missing_targets`` is ``inject``'s."""
     train_ex, eval_ex, label_map = read_data(data, task)
     if model is None:
-        model, tokenizer = load_model(model_spec, task, num_labels=max(label_map.values()) + 1 if label_map else 2)
+        model, tokenizer = load_model(model_spec, task, num_labels=max(label_map.values()) + 1 if label_map else 2,
+                                      seed=config.seed)
     base = model_info(model)
-    inject(model, lora)  # train() prints trainable vs total parameters
+    # §4.1: A starts random. It is drawn here, before train() seeds its generators, so it is drawn
+    # under the run's seed too (a resumed run then overwrites it from the checkpoint).
+    torch.manual_seed(config.seed)
+    inject(model, lora, missing_targets=missing_targets)  # train() prints trainable vs total parameters
 
     # A compiled step gets widths that are multiples of 64: a few shapes, one compile with symbolic
     # sizes, and the fast kernels (unpadded lengths ran slower than eager; docs/performance.md).

@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lorakit.data import encode_prompt
+from lorakit.hints import Setting, SettingError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -114,7 +115,7 @@ def _check(model: PreTrainedModel, prompts: Sequence[Sequence[int]], max_new_tok
                                ("batch_size", batch_size, 1),
                                ("no_repeat_ngram_size", no_repeat_ngram_size, 0)):
         if value < least:
-            raise ValueError(f"{name} must be at least {least}, got {value}")
+            raise SettingError(Setting(name), f" must be at least {least}, got {value}")
     limit = getattr(model.config, "max_position_embeddings", None)  # GPT-2 maps n_positions here
     for i, prompt in enumerate(prompts):
         if len(prompt) == 0:
@@ -124,9 +125,9 @@ def _check(model: PreTrainedModel, prompts: Sequence[Sequence[int]], max_new_tok
         if limit is not None and len(prompt) + max_new_tokens - 1 > limit:
             what = ("is longer than the model's" if len(prompt) > limit else
                     f"leaves room for only {limit - len(prompt) + 1} new tokens in the model's")
-            raise ValueError(f"prompt {i} has {len(prompt)} tokens, which {what} {limit} positions "
-                             f"(max_new_tokens={max_new_tokens}); shorten the prompt or lower "
-                             "max_new_tokens")
+            raise SettingError(f"prompt {i} has {len(prompt)} tokens, which {what} {limit} positions "
+                               "(", Setting("max_new_tokens", max_new_tokens), "); shorten the prompt or lower ",
+                               Setting("max_new_tokens"))
 
 
 def _generation_config(max_new_tokens: int, num_beams: int, length_penalty: float,

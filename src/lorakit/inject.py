@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .config import ALL_LINEAR, ConfigError, LoraConfig, layer_index, name_matches
+from .hints import Setting
 from .layers import LoraLayer, TrainableCopy, is_linear_family, kind_of, lora_class_for, refusal, registered_kinds
 from .layers import swiglu
 
@@ -129,8 +130,9 @@ def find_targets(model: nn.Module, config: LoraConfig, *,
                           f"{type(model).__name__}; modules it could adapt: {candidate_names(model)}")
     unused = unmatched_targets(config, targets)
     if unused and missing_targets == "error":
-        raise ConfigError(f"target_modules entries {unused} match no module of this {type(model).__name__}; "
-                          f"modules it could adapt: {candidate_names(model)}")
+        raise ConfigError(Setting("target_modules"), f" entries {unused} match no module of this "
+                          f"{type(model).__name__}; modules it could adapt: {candidate_names(model)}. To adapt "
+                          f"the others and leave these out, pass ", Setting("missing_targets", "drop"))
     if unused:
         warnings.warn(f"target_modules entries {unused} match no module; adapting the others", stacklevel=3)
     for key in config.fused_projections:

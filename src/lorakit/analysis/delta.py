@@ -11,6 +11,7 @@ base-layer kind says how (`layers.kinds`: `dense_weight`); key names come from t
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -23,7 +24,7 @@ from ..io import PREFIX, read_adapter
 from ..layers import LoraEmbedding, LoraLayer, TrainableCopy, dense_weight, factor_key, refusal
 
 __all__ = ["AnalysisError", "LayerDelta", "AdapterDeltas", "read_adapter_deltas", "common_layers",
-           "base_weights"]
+           "layer_order", "base_weights"]
 
 class AnalysisError(ValueError):
     """Adapters (or an adapter and a model) that cannot be analysed together; says which layer."""
@@ -122,13 +123,14 @@ def _layer_delta(name: str, f: dict[str, torch.Tensor], embedding: bool, config:
 
 
 def common_layers(adapters: Sequence[AdapterDeltas]) -> tuple[list[str], dict[str, str]]:
-    """The layers every adapter adapts (in the first one's order), and why each other was skipped.
+    """The layers every adapter adapts, in layer order (numbers compare as numbers, so
+    ``layers.2`` comes before ``layers.10``), and why each other was skipped.
 
     Raises AnalysisError when a common layer's ΔW has different shapes in two adapters: they were
     made for different base models, and comparing them would be meaningless.
     """
     first = adapters[0]
-    common = [n for n in first.layers if all(n in a.layers for a in adapters[1:])]
+    common = sorted((n for n in first.layers if all(n in a.layers for a in adapters[1:])), key=layer_order)
     skipped: dict[str, str] = {}
     for a in adapters:
         for n in a.layers:
@@ -148,6 +150,12 @@ def common_layers(adapters: Sequence[AdapterDeltas]) -> tuple[list[str], dict[st
         raise AnalysisError(f"the adapters have no layer in common ({first.path} adapts "
                             f"{_some(first.layers)}; {adapters[1].path} adapts {_some(adapters[1].layers)})")
     return common, skipped
+
+
+def layer_order(name: str) -> tuple:
+    """Sort key of a module name that compares its numbers as numbers: ``model.layers.2.q_proj`` <
+    ``model.layers.10.q_proj`` (a safetensors file lists its keys as text: 0, 1, 10, 11, ..., 2)."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name))
 
 
 def base_weights(model: nn.Module, layers: Sequence[LayerDelta]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -3,7 +3,8 @@ singular-value spectra of ΔW, and the amplification of Table 7 per layer.
 
 Matplotlib's object API with the Agg canvas: no pyplot, so no global backend is chosen, no figure
 is left registered anywhere and no window can open, whatever the caller's matplotlib settings.
-Layers are grouped by module kind (``model.layers.*.self_attn.q_proj``): one figure per group.
+Layers are grouped by module kind (``model.layers.*.self_attn.q_proj``): one figure per group,
+layers in number order (the report's order, ``delta.layer_order``).
 """
 
 from __future__ import annotations
@@ -73,64 +74,84 @@ def _subspace_figure(layers: Sequence[dict], factor: str, group: str, labels: Se
 
 
 def _spectra_figure(layers: Sequence[dict], group: str, labels: Sequence[str]):
+    """One panel per adapter, one line per layer; a colour bar maps the line colour to the layer number."""
     from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
 
-    fig, axes = _grid_figure(len(labels), cell=(4.2, 3.2))
+    several = len(layers) > 1  # one line needs no colour scale: the title names its layer
+    fig, axes = _grid_figure(len(labels), cell=(4.2, 3.2), colorbar=several, left=0.9)
     cmap = colormaps["viridis"]
+    # A layer's number where it has one (model.layers.7...), else its position in the group.
+    numbers = [layer["index"] if layer.get("index") is not None else n for n, layer in enumerate(layers)]
+    low, high = (min(numbers), max(numbers)) if numbers else (0, 0)
+    norm = Normalize(low - 0.5, high + 0.5) if low == high else Normalize(low, high)
     for k, (ax, label) in enumerate(zip(axes, labels)):
-        for n, layer in enumerate(layers):
+        for number, layer in zip(numbers, layers):
             s = [v for v in layer["adapters"][k]["singular_values"] if v > 0]
             if s:
-                color = cmap(n / max(len(layers) - 1, 1))
-                ax.semilogy(range(1, len(s) + 1), s, "o-", markersize=2, linewidth=0.8, color=color,
-                            label=_short(layer) if len(layers) <= 8 else None)
+                ax.semilogy(range(1, len(s) + 1), s, "o-", markersize=2, linewidth=0.8, color=cmap(norm(number)))
         ax.set_title(label, fontsize=8)
         ax.set_xlabel("k", fontsize=7)
         ax.set_ylabel("σ_k(ΔW)", fontsize=7)
         _integer_ticks(ax, "x")
-        ax.tick_params(which="both", labelsize=6)
+        ax.tick_params(which="both", labelsize=7)
         ax.grid(alpha=0.3)
-        if len(layers) <= 8 and layers:
-            ax.legend(fontsize=6)
-    suffix = f" (colour: layer order, {len(layers)} layers)" if len(layers) > 8 else ""
-    fig.suptitle(f"singular values of ΔW, {group}{suffix}", fontsize=9)
+    if several:
+        bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=fig.axes[-1])
+        bar.set_label("layer" if any(layer.get("index") is not None for layer in layers) else "position",
+                      fontsize=7)
+        bar.ax.tick_params(labelsize=6)
+        _integer_ticks(bar.ax, "y")
+    what = f"{len(layers)} layers" if several else f"{len(layers)} layer"
+    fig.suptitle(f"singular values of ΔW, {group} ({what})", fontsize=9)
     return fig
 
 
 def _amplification_figure(layers: Sequence[dict], labels: Sequence[str]):
+    """Bars of the amplification factor per layer and adapter over the projections it is made of;
+    legends sit right of the axes, so they never cover a bar or a line."""
     from matplotlib.figure import Figure
 
-    width_in, height_in = max(6.0, 0.25 * len(layers) + 2), 7.0
+    left, right, top, bottom = 0.9, 1.7, 0.45, 1.1  # inches; right holds the legends
+    width_in, height_in = max(7.0, 0.3 * len(layers) + left + right), 7.0
     fig = Figure(figsize=(width_in, height_in), dpi=100)
-    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw=dict(
-        left=0.9 / width_in, right=1 - 0.2 / width_in, top=1 - 0.4 / height_in, bottom=1.0 / height_in, hspace=0.1))
+    upper, lower = fig.subplots(2, 1, sharex=True, gridspec_kw=dict(
+        left=left / width_in, right=1 - right / width_in, top=1 - top / height_in, bottom=bottom / height_in,
+        hspace=0.12))
     x = list(range(len(layers)))
     width = 0.8 / len(labels)
     for k, label in enumerate(labels):
         values = [_finite(layer["adapters"][k]["amplification"]["amplification"]) for layer in layers]
-        top.bar([i + (k - (len(labels) - 1) / 2) * width for i in x], values, width, label=label)
-    top.set_ylabel("‖ΔW‖_F / ‖UᵀWV‖_F")
-    top.set_title("amplification factor (Table 7)", fontsize=9)
-    top.legend(fontsize=7)
+        upper.bar([i + (k - (len(labels) - 1) / 2) * width for i in x], values, width, label=label)
+    upper.set_ylabel("‖ΔW‖_F / ‖UᵀWV‖_F", fontsize=9)
+    upper.set_title("amplification factor (Hu et al. 2021, Table 7)", fontsize=10)
+    upper.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, title="adapter",
+                 title_fontsize=8)
+    upper.grid(axis="y", alpha=0.3)
     rows = [layer["adapters"][0]["amplification"] for layer in layers]
     for key, label, style in (("projected_norm", "U, V of ΔW", "o-"), ("w_projected_norm", "top-r of W", "s-"),
-                              ("random_projected_norm", "random", "^-"), ("w_norm", "‖W‖_F", ":")):
-        bottom.semilogy(x, [_finite(row[key], floor=True) for row in rows], style, markersize=3, label=label)
-    bottom.set_ylabel(f"‖UᵀWV‖_F ({labels[0]})")
-    bottom.set_xticks(x, [_short(layer, module=True) for layer in layers], rotation=90, fontsize=6)
-    bottom.legend(fontsize=7)
-    bottom.grid(alpha=0.3)
+                              ("random_projected_norm", "random", "^-"), ("w_norm", "‖W‖_F itself", ":")):
+        lower.semilogy(x, [_finite(row[key], floor=True) for row in rows], style, markersize=3, label=label)
+    lower.set_ylabel(f"‖UᵀWV‖_F of {labels[0]}", fontsize=9)
+    lower.set_xticks(x, [_short(layer, module=True) for layer in layers], rotation=90, fontsize=8)
+    lower.set_xlabel("layer.module", fontsize=9)
+    lower.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    lower.grid(alpha=0.3)
+    for ax in (upper, lower):
+        ax.tick_params(axis="y", which="both", labelsize=8)
+        ax.set_xlim(-0.6, len(layers) - 0.4)
     return fig
 
 
-def _grid_figure(n: int, cell: tuple[float, float], colorbar: bool = False):
+def _grid_figure(n: int, cell: tuple[float, float], colorbar: bool = False, left: float = 0.6):
     """A grid of n axes, at most _MAX_COLS wide, with fixed margins in inches (a constrained layout
     costs seconds per figure at 30 panels); with ``colorbar``, its axes is ``fig.axes[-1]``."""
     from matplotlib.figure import Figure
 
     cols = min(n, _MAX_COLS)
     rows = math.ceil(n / cols)
-    left, right, top, bottom = 0.6, 0.3 + (0.9 if colorbar else 0.0), 0.6, 0.5  # inches
+    right, top, bottom = 0.3 + (0.9 if colorbar else 0.0), 0.6, 0.5  # inches, as `left`
     width, height = cell[0] * cols + left + right, cell[1] * rows + top + bottom
     fig = Figure(figsize=(width, height), dpi=100)
     axes = fig.subplots(rows, cols, squeeze=False, gridspec_kw=dict(

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..files import fsync_directory, temp_path
+from ..files import fsync_directory, naming_path, temp_path
 
 FORMAT_VERSION = 1
 STATE, ADAPTER, OPTIMIZER, RNG = "trainer_state.json", "adapter.safetensors", "optimizer.safetensors", "rng.safetensors"
@@ -126,11 +126,12 @@ def save_checkpoint(directory: Path, *, params: dict[str, torch.Tensor], optimiz
                 if rng.get(key):
                     rng_tensors[f"rank{rank}/{key}"] = _from_b64(rng[key])
             rng_json.append({"python": rng["python"], "numpy": rng["numpy"]})
-        save_file({k: v.detach().cpu().contiguous() for k, v in params.items()}, str(tmp / ADAPTER))
-        save_file(optimizer_tensors, str(tmp / OPTIMIZER))
-        save_file(rng_tensors, str(tmp / RNG))
         full_state = {"format_version": FORMAT_VERSION, **state, "rng": rng_json}
-        (tmp / STATE).write_text(json.dumps(full_state, indent=1) + "\n")
+        with naming_path(directory):  # a full disk names the checkpoint, not a temp file
+            save_file({k: v.detach().cpu().contiguous() for k, v in params.items()}, str(tmp / ADAPTER))
+            save_file(optimizer_tensors, str(tmp / OPTIMIZER))
+            save_file(rng_tensors, str(tmp / RNG))
+            (tmp / STATE).write_text(json.dumps(full_state, indent=1) + "\n")
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())

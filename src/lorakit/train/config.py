@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..hints import Setting, SettingError
+
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
 COMPILE_MODES = ("auto", "on", "off")
@@ -41,7 +43,8 @@ class TrainConfig:
     # --- run ---
     seed: int = 0
     out_dir: str | Path = "runs/lora"
-    overwrite: bool = False            # start afresh in an out_dir that holds a checkpoint
+    overwrite: bool = False            # start afresh in an out_dir that holds a run; the old run is
+                                       # replaced at the new one's first checkpoint, not before
     device: str = "auto"               # "auto": cuda if available (cuda:LOCAL_RANK under torchrun)
     fsdp: bool = False                 # under torchrun, shard the model across processes (FSDP2) instead
                                        # of a full copy per process (DDP): for a base too big for one device
@@ -53,28 +56,32 @@ class TrainConfig:
         self.betas = tuple(self.betas)  # a JSON round trip gives a list
         if isinstance(self.compile, bool):  # YAML reads `compile: off` as False
             self.compile = "on" if self.compile else "off"
-        problems = []
-        if self.schedule not in SCHEDULES:
-            problems.append(f"schedule={self.schedule!r} is not one of {SCHEDULES}")
-        if self.precision not in PRECISIONS:
-            problems.append(f"precision={self.precision!r} is not one of {PRECISIONS}")
-        if self.compile not in COMPILE_MODES:
-            problems.append(f"compile={self.compile!r} is not one of {COMPILE_MODES}")
+        # One sentence per bad value, each naming its option as a `Setting`, so the command line
+        # can say `--lr` where Python users read `lr`.
+        problems: list[list[str | Setting]] = []
+        for name, allowed in (("schedule", SCHEDULES), ("precision", PRECISIONS), ("compile", COMPILE_MODES)):
+            if getattr(self, name) not in allowed:
+                problems.append([Setting(name, getattr(self, name)), f" is not one of {allowed}"])
         for name in ("batch_size", "grad_accum", "eval_every", "save_every", "log_every"):
             if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+                problems.append([Setting(name), f" must be >= 1, got {getattr(self, name)}"])
         if self.max_steps is not None and self.max_steps < 1:
-            problems.append(f"max_steps must be >= 1 or None, got {self.max_steps}")
+            problems.append([Setting("max_steps"), f" must be >= 1 or None, got {self.max_steps}"])
         if self.max_steps is None and not self.epochs > 0:
-            problems.append(f"epochs must be > 0 when max_steps is None, got {self.epochs}")
-        if self.warmup_steps < 0 or self.lr <= 0 or self.weight_decay < 0:
-            problems.append("warmup_steps and weight_decay must be >= 0 and lr > 0")
+            problems.append([Setting("epochs"), f" must be > 0 when max_steps is None, got {self.epochs}"])
+        if not self.lr > 0:
+            problems.append([Setting("lr"), f" (the peak learning rate) must be > 0, got {self.lr}"])
+        if self.weight_decay < 0:
+            problems.append([Setting("weight_decay"), f" must be >= 0, got {self.weight_decay}"])
+        if self.warmup_steps < 0:
+            problems.append([Setting("warmup_steps"),
+                             f" (steps of linear warmup) must be >= 0, got {self.warmup_steps}"])
         if not 0.0 <= self.label_smoothing < 1.0:
-            problems.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+            problems.append([Setting("label_smoothing"), f" must be in [0, 1), got {self.label_smoothing}"])
         if self.seed < 0:
-            problems.append(f"seed must be >= 0, got {self.seed}")
+            problems.append([Setting("seed"), f" must be >= 0, got {self.seed}"])
         if problems:
-            raise ValueError("bad TrainConfig: " + "; ".join(problems))
+            raise SettingError.joined(problems, prefix="bad training settings: ")
 
     def compiles_on(self, device_type: str) -> bool:
         """Whether the training step runs under torch.compile on a device of this type ("cuda", "cpu")."""

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..files import atomic_write_text
+from ..files import atomic_write_text, naming_path
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -37,7 +37,7 @@ class MetricsLog:
         if not self.enabled:
             return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-        with open(self.path, "a") as f:
+        with naming_path(self.path), open(self.path, "a") as f:  # a full disk names this file
             f.write(json.dumps(clean) + "\n")
 
 

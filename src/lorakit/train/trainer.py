@@ -14,6 +14,7 @@ import json
 import random
 import shutil
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from itertools import islice
@@ -26,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lorakit.adapters import trainable_parameters
+from lorakit.files import fsync_directory
 from lorakit.inject import lora_state
 from lorakit.io import save_adapter
 
@@ -34,7 +36,7 @@ from .checkpoint import (ResumeError, capture_rng, check_fingerprint, find_check
                          optimizer_from_files, optimizer_to_files, restore_rng, save_checkpoint)
 from .config import TrainConfig, TrainResult
 from .evaluation import EvalFn, evaluate
-from .log import MetricsLog, write_json_atomic
+from .log import MetricsLog, read_metrics, write_json_atomic
 from .loss import LossFn, compute_loss
 from .plot import plot_losses
 from .schedule import lr_factor
@@ -57,7 +59,10 @@ def train(model: nn.Module, train_batches: Iterable[Mapping[str, torch.Tensor]],
 
     Files go to `config.out_dir`: adapter/ (PEFT format), best/, checkpoint/, metrics.jsonl,
     loss.png, run.json. `resume=True` continues from checkpoint/ and ends with the adapter an
-    uninterrupted run would have ended with. The model is moved to the run's device.
+    uninterrupted run would have ended with. `config.overwrite` starts afresh in an out_dir that
+    holds a run without touching it: the new run writes to a hidden folder in it until its first
+    checkpoint, which then replaces the old run's files (only those) in out_dir, so a new run that
+    fails early leaves the old one whole and resumable. The model is moved to the run's device.
 
     Under torchrun, train() joins the process group from the environment and leaves it at the
     end; a program that calls train() more than once per process should call
@@ -84,8 +89,8 @@ def train(model: nn.Module, train_batches: Iterable[Mapping[str, torch.Tensor]],
 def _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter_name, resume, on_step,
            d: distributed.Dist, device: torch.device) -> TrainResult:
     out = Path(config.out_dir)
-    paths = {"adapter": out / "adapter", "best": out / "best", "checkpoint": out / "checkpoint",
-             "metrics": out / "metrics.jsonl", "plot": out / "loss.png", "run": out / "run.json"}
+    paths = _run_paths(out)
+    staging = None  # --overwrite: the folder the new run writes to until it replaces the old one
     say = tqdm.write if (config.progress and d.is_main) else (lambda *a, **k: None)  # tqdm.write: the bar stays whole
     bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
     compiled = config.compiles_on(device.type)
@@ -142,14 +147,17 @@ def _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter
         if find_checkpoint(paths["checkpoint"]) is not None and not config.overwrite:
             raise ResumeError(f"{paths['checkpoint']} holds a checkpoint of an earlier run; pass resume=True "
                               f"(--resume) to continue it, or overwrite=True to start afresh")
-        if d.is_main and config.overwrite:
-            for old in (paths["checkpoint"], paths["best"]):
-                shutil.rmtree(old, ignore_errors=True)
+        if config.overwrite and _holds_run(out):
+            # The old run stays whole, and resumable, until this one has a checkpoint to put in its place.
+            staging = out / ".overwrite"  # inside out: the renames stay on its file system
+            paths = _run_paths(staging)
+            if d.is_main:
+                shutil.rmtree(staging, ignore_errors=True)  # left by an earlier attempt that was killed
         random.seed(config.seed + d.rank)  # each rank its own dropout masks
         np.random.seed(config.seed + d.rank)
         torch.manual_seed(config.seed + d.rank)
         distributed.broadcast_from_main(params, d, device)  # every rank starts from rank 0's adapter
-    distributed.barrier(d)  # nobody trains while rank 0 may still be deleting an old run's files
+    distributed.barrier(d)  # nobody trains while rank 0 may still be deleting a killed attempt's files
 
     log = MetricsLog(paths["metrics"], enabled=d.is_main)
     log.start(step if resume else None)
@@ -162,7 +170,7 @@ def _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter
                 "precision": "bf16 autocast" if bf16 else "float32", "compiled": compiled, "torch": torch.__version__,
                 "lorakit": _lorakit_version(), "resumed_from_step": step if resume else None}
     if d.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        paths["run"].parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(paths["run"], run_info)
     say(f"trainable parameters: {n_trainable:,} of {n_total:,} ({100 * n_trainable / max(n_total, 1):.3f}%); "
         f"{total_steps} steps of {config.batch_size}x{config.grad_accum} examples on {d.world_size} process(es)"
@@ -281,20 +289,31 @@ def _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter
                                            "evals_since_best": since_best, "stopped_early": stopped,
                                            "log_window": window})
                     plot_losses(paths["metrics"], paths["plot"])
+                    if staging is not None:
+                        _replace_run(staging, out)
+                if staging is not None:  # from now on the run is in out, on every rank
+                    staging, paths = None, _run_paths(out)
+                    log.path = paths["metrics"]
             if on_step is not None:
                 on_step(step, {"loss": loss, "lr": lr, "grad_norm": grad_norm.item(),
                                **(eval_metrics if evaluated else {})})
     finally:
         bar.close()
         model.train(was_training)
+        if staging is not None and d.is_main:  # failed before its first checkpoint: the old run is untouched
+            shutil.rmtree(staging, ignore_errors=True)
 
     # --- the product ----------------------------------------------------------------------------
     _save_product_on_main(model, named, paths["adapter"], adapter_name, d, fsdp)
     if d.is_main:
         plot = plot_losses(paths["metrics"], paths["plot"])
     distributed.barrier(d)
+    train_loss = last_row.get("loss")
+    if train_loss is None and resume:  # resumed at the last step: the loss is the one logged before the stop
+        train_loss = next((row["loss"] for row in reversed(read_metrics(paths["metrics"]))
+                           if row.get("loss") is not None), None)
     result = TrainResult(
-        steps=step, train_loss=last_row.get("loss"), eval_metrics=eval_metrics, best_step=best_step,
+        steps=step, train_loss=train_loss, eval_metrics=eval_metrics, best_step=best_step,
         best_eval_loss=best_loss, stopped_early=stopped, tokens=tokens, trainable_parameters=n_trainable,
         total_parameters=n_total, out_dir=out, adapter_dir=paths["adapter"],
         best_dir=paths["best"] if best_step is not None and config.keep_best else None,
@@ -303,9 +322,42 @@ def _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter
     if d.is_main:
         write_json_atomic(paths["run"], {**run_info, "result": {
             k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items()}})
-        say(f"done: step {step}, train loss {result.train_loss}, best eval loss {best_loss} (step {best_step}); "
-            f"adapter in {paths['adapter']}")
+        done = [f"done: {step} steps"] + ([f"train loss {train_loss:.4f}"] if train_loss is not None else []) \
+            + ([f"best eval loss {best_loss:.4f} (step {best_step})"] if best_loss is not None else [])
+        say(", ".join(done) + f"; adapter in {paths['adapter']}, metrics in {paths['metrics']}")
     return result
+
+
+# What a run directory holds; --overwrite replaces these entries and leaves anything else there alone
+# (labels.json is written by lorakit.finetune).
+RUN_ENTRIES = ("adapter", "best", "checkpoint", "metrics.jsonl", "loss.png", "run.json", "labels.json")
+
+
+def _run_paths(folder: Path) -> dict[str, Path]:
+    return {"adapter": folder / "adapter", "best": folder / "best", "checkpoint": folder / "checkpoint",
+            "metrics": folder / "metrics.jsonl", "plot": folder / "loss.png", "run": folder / "run.json"}
+
+
+def _holds_run(folder: Path) -> bool:
+    return folder.is_dir() and (any((folder / name).exists() for name in RUN_ENTRIES)
+                                or find_checkpoint(folder / "checkpoint") is not None)
+
+
+def _replace_run(new: Path, out: Path) -> None:
+    """Put the run in `new` in the place of the run in `out`, entry by entry (renames, one file
+    system): the old entries first move to a folder aside, then the new ones in, then the aside
+    folder is deleted. Files in `out` that are no part of a run stay."""
+    aside = out / f".replaced-{uuid.uuid4().hex[:8]}"
+    aside.mkdir()
+    leftovers = [*out.glob(".checkpoint.old-*"), *out.glob(".checkpoint.tmp-*")]  # of saves that were killed
+    for entry in [out / name for name in RUN_ENTRIES] + leftovers:
+        if entry.exists():
+            entry.rename(aside / entry.name)
+    for entry in sorted(new.iterdir()):
+        entry.rename(out / entry.name)
+    fsync_directory(out)
+    shutil.rmtree(aside, ignore_errors=True)
+    shutil.rmtree(new, ignore_errors=True)
 
 
 def _fingerprint(config: TrainConfig, lora_config: Any, adapter_name: str, named: list[tuple[str, nn.Parameter]],
