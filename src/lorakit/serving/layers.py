@@ -1,0 +1,93 @@
+"""Serving wrappers: a base linear layer plus the bank's segmented LoRA term for the current batch.
+
+    h = W0·x + B[slot]·A[slot]·x        (slot: the bank slot of x's row; -1: the base model)
+
+Which slot each token uses is a `SlotRoute`, one object shared by every wrapper of a model: the
+engine sets it once per forward (`SlotRoute.rows`), so a forward's routing metadata is built once,
+not per layer. Outside that context a wrapper is its base layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .bank import BankModule
+from .ops import segmented_lora
+
+
+class SlotRoute:
+    """The bank slot of every token of the forward in progress, or None (no adapter anywhere)."""
+
+    def __init__(self) -> None:
+        self.token_slots: torch.Tensor | None = None  # (N·L,) int64, row-major over (N, L)
+
+    @contextlib.contextmanager
+    def rows(self, slots: torch.Tensor, tokens_per_row: int) -> Iterator[None]:
+        """Route the next forward: row i of its (N, L) input uses bank slot ``slots[i]`` (-1: base)."""
+        if slots.dim() != 1:
+            raise ValueError(f"slots must be (N,), one bank slot per row; got shape {tuple(slots.shape)}")
+        self.token_slots = slots.repeat_interleave(tokens_per_row)  # (N,) -> (N·L,)
+        try:
+            yield
+        finally:
+            self.token_slots = None
+
+
+class BankedLinear(nn.Module):
+    """A base linear layer (nn.Linear or transformers' Conv1D) with the bank's term for its module."""
+
+    def __init__(self, base_layer: nn.Module, factors: BankModule, route: SlotRoute) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.factors = factors  # the bank's tensors: not this module's parameters or buffers
+        self.route = route
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        slots = self.route.token_slots
+        if slots is None:
+            return out
+        if slots.shape[0] * x.shape[-1] != x.numel():
+            raise ValueError(f"{self.factors.name}: the route has {slots.shape[0]} tokens but this layer's input "
+                             f"has shape {tuple(x.shape)}; route as many rows and tokens as the batch has")
+        f = self.factors
+        r = f.widest_rank  # the columns past every slot's rank are zero padding: leave them out
+        delta = segmented_lora(x.to(f.A.dtype), f.A[:, :r], f.B[:, :, :r], slots)
+        return out + delta.to(out.dtype)
+
+    def extra_repr(self) -> str:
+        f = self.factors
+        return f"bank: {f.A.shape[0]} slots, max_rank={f.A.shape[1]}, ranks={f.ranks}"
+
+
+def install(model: nn.Module, modules: dict[str, BankModule], route: SlotRoute) -> None:
+    """Wrap every module the bank holds factors for (and not wrapped yet); unwrap the wrappers whose
+    module the bank no longer holds. Afterwards the wrapped set is exactly ``modules``."""
+    for name, wrapper in list(wrapped(model).items()):
+        if name not in modules:
+            _replace(model, name, wrapper.base_layer)
+        elif wrapper.factors is not modules[name]:
+            wrapper.factors = modules[name]
+    current = wrapped(model)
+    for name, factors in modules.items():
+        if name not in current:
+            _replace(model, name, BankedLinear(model.get_submodule(name), factors, route))
+
+
+def uninstall(model: nn.Module) -> None:
+    """Every wrapper back to its base layer: the model is the plain model again."""
+    for name, wrapper in wrapped(model).items():
+        _replace(model, name, wrapper.base_layer)
+
+
+def wrapped(model: nn.Module) -> dict[str, BankedLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, BankedLinear)}
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
