@@ -111,9 +111,16 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def _generation_options(p: argparse.ArgumentParser, formats: list[str]) -> None:
+def _generation_options(p: argparse.ArgumentParser, formats: list[str], several_adapters: bool = False) -> None:
     p.add_argument("--model", default="default", help=MODEL_HELP)
-    p.add_argument("--adapter", help="adapter directory (PEFT format) (default: none: the base model alone)")
+    if several_adapters:
+        p.add_argument("--adapter", action="append", metavar="[NAME=]PATH",
+                       help="adapter directory (PEFT format); repeat as NAME=PATH to generate with several "
+                            "adapters at once, each prompt with its own: a --data JSONL line names its adapter "
+                            "with \"adapter\": NAME (null: the base model); lines without one, and --prompt, "
+                            "use the first (default: none: the base model alone)")
+    else:
+        p.add_argument("--adapter", help="adapter directory (PEFT format) (default: none: the base model alone)")
     p.add_argument("--merge", action="store_true",
                    help="merge the adapter into the weights first (same outputs, the base model's speed)")
     p.add_argument("--chat-template", action="store_true",
@@ -142,11 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text with a model and an optional adapter",
                        description="Generate a completion for each prompt with a model and an optional adapter.",
                        epilog=PROMPT_ENCODING, formatter_class=HelpFormatter)
-    _generation_options(g, ["auto", "jsonl", "e2e"])
+    _generation_options(g, ["auto", "jsonl", "e2e"], several_adapters=True)
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a prompt (repeatable); give --prompt or --data")
-    src.add_argument("--data", help="file of prompts: JSONL (prompt; a completion is ignored) or E2E (MR||reference)")
-    g.add_argument("--out", help="write one JSON line {prompt, output} per prompt here (default: print them)")
+    src.add_argument("--data", help="file of prompts: JSONL (prompt, optionally adapter; a completion is ignored) "
+                     "or E2E (MR||reference)")
+    g.add_argument("--out", help="write one JSON line {prompt, output} per prompt here, with its adapter when "
+                   "named adapters are given (default: print them)")
 
     e = sub.add_parser("eval", help="BLEU/NIST/ROUGE-L/CIDEr over references, or accuracy",
                        description="Score an adapter: generate for each unique prompt and compare with all of its "

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .adapters import merge as merge_adapters
 from .config import ALL_LINEAR, LoraConfig
-from .data import ClassificationExample, Example, load_examples
+from .data import ClassificationExample, PromptLine, load_examples, read_prompts
 from .files import (atomic_write_dir, atomic_write_files, atomic_write_text, prepare_output_dir,
                     prepare_output_file)
 from .finetune import DEMO_DATA, DataSpec, finetune, is_main_process
@@ -60,10 +60,11 @@ def _read_examples(args: argparse.Namespace, format: str) -> list:
     return result
 
 
-def _model_with_adapter(args: argparse.Namespace, task: str = "causal"):
+def _model_with_adapter(args: argparse.Namespace, task: str = "causal", adapter: str | None = None):
     model, tokenizer = load_model(args.model, task)
-    if args.adapter:
-        load_adapter(model, args.adapter)
+    adapter = adapter if adapter is not None else args.adapter
+    if adapter:
+        load_adapter(model, adapter)
         if args.merge:
             merge_adapters(model)
     model.eval()
@@ -77,20 +78,90 @@ def _generation_kwargs(args: argparse.Namespace) -> dict:
 
 
 def generate(args: argparse.Namespace) -> None:
-    prompts = args.prompt or [ex.prompt for ex in _read_examples(args, args.format) if isinstance(ex, Example)]
-    if not prompts:
-        raise ValueError(f"{args.data}: no prompts found (expected prompt/completion JSONL or E2E lines)")
+    named = _named_adapters(args.adapter or [])
+    if args.prompt:
+        lines = [PromptLine(p, 0) for p in args.prompt]
+    else:
+        lines = read_prompts(args.data, args.format, skip_bad_lines=args.skip_bad_lines)
+        if lines.n_skipped:
+            print(f"{args.data}: skipped {lines.n_skipped} malformed line(s), first at line {lines.skipped[0][0]}")
+    if not lines:
+        raise ValueError(f"{args.data}: no prompts found (expected JSONL lines with a \"prompt\", or E2E lines)")
+    prompts = [line.prompt for line in lines]
     if args.out:
         prepare_output_file(args.out)  # before the work: a path that cannot be written fails now
-    model, tokenizer = _model_with_adapter(args)
-    outputs = generate_text(model, tokenizer, prompts, **_generation_kwargs(args))
+    if named is None:
+        if any(line.names_adapter for line in lines):
+            first = next(line for line in lines if line.names_adapter)
+            raise ValueError(f"{args.data}, line {first.line}: names adapter {first.adapter!r}, but no named "
+                             f"adapter is given; pass --adapter NAME=PATH for each adapter the lines name")
+        model, tokenizer = _model_with_adapter(args, adapter=(args.adapter or [None])[0])
+        outputs = generate_text(model, tokenizer, prompts, **_generation_kwargs(args))
+        records = [{"prompt": p, "output": o} for p, o in zip(prompts, outputs)]
+    else:
+        chosen = _line_adapters(lines, named, args.data)
+        outputs = _generate_with_engine(args, named, prompts, chosen)
+        records = [{"prompt": p, "adapter": a, "output": o} for p, a, o in zip(prompts, chosen, outputs)]
     if args.out:
-        atomic_write_text(args.out, "".join(json.dumps({"prompt": p, "output": o}) + "\n"
-                                            for p, o in zip(prompts, outputs)))
+        atomic_write_text(args.out, "".join(json.dumps(r) + "\n" for r in records))
         print(f"wrote {len(outputs)} outputs to {args.out}")
     else:
-        for p, o in zip(prompts, outputs):
-            print(f">>> {p}\n{o}\n")
+        for r in records:
+            label = f"[{r['adapter'] or 'base'}] " if "adapter" in r else ""
+            print(f">>> {label}{r['prompt']}\n{r['output']}\n")
+
+
+def _named_adapters(specs: list[str]) -> dict[str, str] | None:
+    """NAME -> PATH from repeated ``--adapter NAME=PATH``; None for no adapter or one plain PATH."""
+    if len(specs) <= 1 and all("=" not in s or Path(s).is_dir() for s in specs):
+        return None
+    named: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path or Path(spec).is_dir():
+            raise ValueError(f"--adapter {spec}: with several adapters, give each as NAME=PATH "
+                             f"(e.g. --adapter sql=runs/sql/adapter)")
+        if name in named:
+            raise ValueError(f"--adapter {spec}: the name {name!r} is given twice; give each adapter its own name")
+        named[name] = path
+    return named
+
+
+def _line_adapters(lines: list[PromptLine], named: dict[str, str], source: str | None) -> list[str | None]:
+    """Each prompt's adapter: the one its line names (None: the base model), else the first given."""
+    first = next(iter(named))
+    chosen = []
+    for line in lines:
+        if line.names_adapter and line.adapter is not None and line.adapter not in named:
+            raise ValueError(f"{source}, line {line.line}: names adapter {line.adapter!r}, which no --adapter "
+                             f"gives; the adapters are {list(named)} (or null for the base model)")
+        chosen.append(line.adapter if line.names_adapter else first)
+    return chosen
+
+
+def _generate_with_engine(args: argparse.Namespace, named: dict[str, str], prompts: list[str],
+                          adapters: list[str | None]) -> list[str]:
+    """Several adapters in one batched run: lorakit's serving engine (greedy decoding)."""
+    refused = [flag for flag, on in (("--merge", args.merge), (f"--beams {args.beams}", args.beams != 1),
+                                     (f"--length-penalty {args.length_penalty}", args.length_penalty != 1.0),
+                                     (f"--no-repeat-ngram {args.no_repeat_ngram}", args.no_repeat_ngram != 0)) if on]
+    if refused:
+        raise ValueError(f"{', '.join(refused)}: these need a single --adapter PATH; with several named adapters "
+                         f"lorakit generates greedily, every prompt with its own adapter, from the unmerged base")
+    from .io import read_adapter
+    from .serving import Engine
+
+    ranks = []
+    for name, path in named.items():
+        config, _ = read_adapter(path)
+        ranks.append(max([config.r, *config.rank_pattern.values()]))
+    model, tokenizer = load_model(args.model, "causal")
+    model.eval()
+    engine = Engine(model, tokenizer, max_batch=args.batch_size, max_adapters=len(named), max_rank=max(ranks),
+                    chat_template=args.chat_template)
+    for name, path in named.items():
+        engine.add_adapter(name, path)
+    return engine.generate(prompts, adapters=adapters, max_new_tokens=args.max_new_tokens)
 
 
 def eval(args: argparse.Namespace) -> None:  # noqa: A001 - the command's name

@@ -233,6 +233,45 @@ def load_examples(path: str | Path, format: str = "auto", **kw: Any) -> LoadResu
     return readers[format](path, **kw)
 
 
+@dataclass(frozen=True)
+class PromptLine:
+    """A prompt to generate from, with the line it came from and the adapter it names, if any."""
+
+    prompt: str
+    line: int
+    adapter: str | None = None  # None with `names_adapter`: the base model
+    names_adapter: bool = False  # the line has an "adapter" field
+
+
+def read_prompts(path: str | Path, format: str = "auto", skip_bad_lines: bool = False) -> LoadResult[PromptLine]:
+    """The prompts of a file for `lorakit generate`: JSONL lines with a string "prompt" (any
+    "completion" is ignored) and optionally "adapter", the name of the adapter that line uses
+    (null: the base model); or E2E lines `MR||reference`, whose MR is the prompt."""
+    path = Path(path)
+    first = next((line for _, line in _lines(path)), None)
+    if first is None:
+        raise ValueError(f"{path} is empty: it has no lines with data")
+    if format == "e2e" or (format == "auto" and not first.lstrip().startswith("{")):
+        examples = load_examples(path, format, skip_bad_lines=skip_bad_lines)
+        result: LoadResult[PromptLine] = LoadResult(path)
+        result.skipped = examples.skipped
+        result.extend(PromptLine(ex.prompt, 0) for ex in examples)
+        return result
+    if format not in ("auto", "jsonl"):
+        raise SettingError("prompts come from a JSONL or E2E file; ", Setting("format"), f" {format!r} holds none")
+    result = LoadResult(path)
+    for number, record in _json_records(result, skip_bad_lines):
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            got = sorted(record) if isinstance(record, dict) else type(record).__name__
+            result._bad(number, f'expected an object with a string "prompt"; got {got}', skip_bad_lines)
+        elif "adapter" in record and not (record["adapter"] is None or isinstance(record["adapter"], str)):
+            result._bad(number, f'"adapter" must be an adapter\'s name or null (the base model), got '
+                                f'{record["adapter"]!r}', skip_bad_lines)
+        else:
+            result.append(PromptLine(record["prompt"], number, record.get("adapter"), "adapter" in record))
+    return result
+
+
 def split_holdout(examples: Sequence[T], fraction: float = 0.05, seed: int = 0,
                   group_by: Callable[[T], Hashable] | None = None) -> tuple[list[T], list[T]]:
     """Deterministic (train, holdout) split; both keep the input order.
