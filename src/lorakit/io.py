@@ -181,6 +181,37 @@ def _check_same_config(from_json: LoraConfig, own: LoraConfig, config_file: Path
                                f"saves: save the adapter again")
 
 
+@dataclasses.dataclass(frozen=True)
+class CheckedAdapter:
+    """An adapter directory checked against a model, before anything on the model changes."""
+
+    config: LoraConfig  # as read, less modules_to_save entries that match nothing (as PEFT drops them)
+    config_file: Path
+    weights_file: Path
+    layers: dict[str, LoraLayer]  # module name -> an empty layer of the kind inject() would make there
+    plan: dict[Any, tuple[str, str, str, torch.Tensor]]  # file key -> (kind, module name, attribute, tensor);
+    # kind "lora" (A or B of a layer), "saved" (a modules_to_save copy) or "base" (a base tensor)
+
+
+def check_adapter(model: nn.Module, path: str | os.PathLike) -> CheckedAdapter:
+    """Read adapter ``path`` and check every key and shape against ``model``; changes nothing.
+
+    Raises `AdapterFileError` for a file or config that does not load or does not fit: what
+    `load_adapter` checks before it injects, for code that uses the factors otherwise (the
+    serving bank)."""
+    config, tensors = read_adapter(path)
+    config_file, weights_file = Path(path) / CONFIG_NAME, Path(path) / WEIGHTS_NAME
+    config = _drop_unmatched_saved(model, config)
+    try:
+        targets = dict(find_targets(model, config))
+        saved = dict(_find_saved(model, config))
+        probes = {n: _probe(n, m, config) for n, m in targets.items()}
+    except (ConfigError, ValueError, TypeError) as e:
+        raise AdapterFileError(f"{config_file} does not fit this {type(model).__name__}: {e}") from None
+    plan = _plan(model, config, tensors, probes, saved, weights_file)
+    return CheckedAdapter(config, config_file, weights_file, probes, plan)
+
+
 def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default", *,
                  trainable: bool = False, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Load a PEFT/lorakit adapter directory as adapter ``name``, injecting LoRA layers as needed.
@@ -191,19 +222,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     (PEFT's ``bias="all"``, embedding layers) are written into the base model, as PEFT does.
     """
     check_adapter_name(name)
-    config, tensors = read_adapter(path)
-    config_file, weights_file = Path(path) / CONFIG_NAME, Path(path) / WEIGHTS_NAME
     state = model.__dict__.get("lora_state")
     if state is not None and name in state.configs:
         raise ValueError(f"adapter {name!r} is already on this model; delete it or load under another name")
-    config = _drop_unmatched_saved(model, config)
-    try:
-        targets = dict(find_targets(model, config))
-        saved = dict(_find_saved(model, config))
-        probes = {n: _probe(n, m, config) for n, m in targets.items()}
-    except (ConfigError, ValueError, TypeError) as e:
-        raise AdapterFileError(f"{config_file} does not fit this {type(model).__name__}: {e}") from None
-    plan = _plan(model, config, tensors, probes, saved, weights_file)
+    checked = check_adapter(model, path)
+    config, config_file, plan = checked.config, checked.config_file, checked.plan
 
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     try:

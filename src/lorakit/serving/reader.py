@@ -1,9 +1,9 @@
 """Reading an adapter directory for the bank: its factors per module, checked against the base
 model, without injecting anything.
 
-Every file and config check is `io.py`'s (the same functions `lorakit.load_adapter` runs before it
-touches a model: `read_adapter`, the target search, the key and shape plan); this file only adds
-what the bank refuses on top: what cannot be mixed row by row with other adapters.
+Every file and config check is `io.check_adapter`'s (what `lorakit.load_adapter` checks before it
+touches a model: the files, the target search, the key and shape plan); this file only adds what
+the bank refuses on top: what cannot be mixed row by row with other adapters.
 
 The checks run on a *structure copy* of the base model (`structure_copy`): the same module types
 and names, with weights on the meta device (no memory). The engine's model has its linear layers
@@ -21,8 +21,7 @@ import torch
 from torch import nn
 
 from .. import io
-from ..config import ConfigError, LoraConfig
-from ..inject import find_targets
+from ..config import LoraConfig
 from ..layers import LoraLinear
 
 
@@ -74,9 +73,8 @@ def read_adapter_factors(skeleton: nn.Module, path: str | os.PathLike) -> Adapte
     loads in lorakit but cannot be mixed per row: one that writes base weights (``bias="all"`` or
     ``"lora_only"`` with biases in the file, ``modules_to_save``), adapts embeddings or other
     non-linear layers, uses ``fused_projections`` slices, or holds non-finite values."""
-    config, tensors = io.read_adapter(path)
-    config_file, weights_file = Path(path) / io.CONFIG_NAME, Path(path) / io.WEIGHTS_NAME
-    config = io._drop_unmatched_saved(skeleton, config)
+    checked = io.check_adapter(skeleton, path)
+    config, config_file, weights_file = checked.config, checked.config_file, checked.weights_file
     if config.modules_to_save:
         raise AdapterRefused(f"{config_file}: modules_to_save={list(config.modules_to_save)} trains full copies of "
                              f"base modules, which every row of a batch would share; the serving bank mixes "
@@ -84,17 +82,12 @@ def read_adapter_factors(skeleton: nn.Module, path: str | os.PathLike) -> Adapte
                              f"the merged model instead)")
     if config.fused_projections:
         raise AdapterRefused(f"{config_file}: fused_projections slices are not supported by the serving bank yet")
-    try:
-        targets = dict(find_targets(skeleton, config))
-        probes = {n: io._probe(n, m, config) for n, m in targets.items()}
-    except (ConfigError, ValueError, TypeError) as e:
-        raise io.AdapterFileError(f"{config_file} does not fit this {type(skeleton).__name__}: {e}") from None
+    probes, plan = checked.layers, checked.plan
     other = {n: type(p).__name__ for n, p in probes.items() if type(p) is not LoraLinear}
     if other:
         name, kind = next(iter(other.items()))
         raise AdapterRefused(f"{config_file}: adapts {name} as {kind}; the serving bank adapts linear layers only "
                              f"({len(other)} such module(s))")
-    plan = io._plan(skeleton, config, tensors, probes, {}, weights_file)
     written = [key for key, (kind, *_rest) in plan.items() if kind != "lora"]
     if written:
         raise AdapterRefused(f"{weights_file}: holds base-model tensors ({written[:3]}; bias={config.bias!r}), "
