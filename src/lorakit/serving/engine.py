@@ -1,19 +1,30 @@
-"""The mixed-adapter generation engine: many adapters, one base model, one batch.
+"""The mixed-adapter generation engine: many adapters, one base model, one running batch.
 
     engine = Engine(model, tokenizer, max_batch=64, max_adapters=8, max_rank=64)
     engine.add_adapter("sql", "path/to/peft_adapter")
     outs = engine.generate(prompts, adapters=["sql", None], max_new_tokens=64)
 
+    request = engine.submit(prompt, adapter="sql", max_new_tokens=64)   # the streaming API
+    for event in engine.stream(request): ...                            # tokens as they are made
+
 Each row of a batch uses its own adapter (or the base model) through the bank's stacked factors
 (`bank.py`) and the segmented op (`ops.py`), inside the model's own forward: the engine wraps the
 base model's adapted linear layers (`layers.py`) and sets the rows' bank slots once per forward.
-Decoding keeps a KV cache (transformers' `DynamicCache`); prompts of different lengths are left
-padded, with an attention mask and position ids that start at 0 on each prompt's first token, so
-a request's tokens do not depend on the other requests in its batch. A request that finishes
-leaves the running batch at once (its cache rows are dropped).
 
-Not built yet: requests joining a running batch (continuous batching), the streaming API, CUDA
-graphs and the Triton kernels, the merged fast path.
+Continuous batching: requests wait in a queue (first come, first served) and join the running
+batch between steps, as long as there is a free KV slot (``max_batch``) and a bank slot for their
+adapter (at most ``max_adapters`` distinct adapters run together). A step first decodes one token
+for every running request (one forward), then prefills the requests that join (one forward, right
+padded, their first token sampled from it); a request leaves the batch as soon as it ends. The KV
+cache (`kv_cache.py`) has a fixed slot per running request, allocated once at construction; each
+forward gets an attention mask and position ids per row, so a request's tokens depend neither on
+the other requests in the batch nor on when it joined.
+
+The engine is not thread-safe: one thread (a server's scheduling loop) calls `submit`, `step`,
+`cancel` and reads the events.
+
+Not built yet: CUDA graphs and the Triton kernels, chunked prefill mixed into the decode forward,
+the merged fast path.
 """
 
 from __future__ import annotations
@@ -21,8 +32,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
-from dataclasses import dataclass, field
-from typing import Sequence, Union
+from collections import deque
+from typing import Iterator, Sequence, Union
 
 import torch
 from torch import nn
@@ -30,53 +41,67 @@ from torch import nn
 from ..data import encode_prompt
 from ..inject import lora_modules
 from .bank import AdapterBank
+from .kv_cache import CacheWindow, SlotCache
 from .layers import SlotRoute, install, uninstall, wrapped
 from .reader import structure_copy
+from .request import Event, Request, prompt_kind, seeds_for, stop_strings
 from .sampling import SamplingParams, next_tokens
+from .text import IncrementalText
 
 Prompt = Union[str, Sequence[int]]
-
-
-@dataclass
-class _Request:
-    """One prompt on its way through a batch."""
-
-    ids: list[int]
-    adapter: str | None                # None: the base model
-    params: SamplingParams
-    generator: torch.Generator | None  # None when greedy
-    slot: int = -1                     # the adapter's bank slot while its batch runs
-    new: list[int] = field(default_factory=list)
+DEFAULT_MAX_SEQ_LEN = 1024  # per slot, when the model allows as many; the KV cache is max_batch × this
 
 
 class Engine:
     """Generates from a plain base model with any loaded adapter per prompt.
 
-    ``model`` is a transformers causal LM without LoRA layers; the engine owns it from now on
-    (eval mode; its adapted linear layers wrapped while the engine holds adapters; `close` gives
-    the plain model back). ``tokenizer`` encodes string prompts as `lorakit generate` does
-    (``chat_template`` and ``separator`` as in training) and decodes outputs; it may be None when
-    prompts are token ids and no stop strings are used. ``max_batch`` prompts run together at most,
-    with at most ``max_adapters`` distinct adapters (more run in several batches); ``max_adapters``
-    and ``max_rank`` size the bank.
+    ``model`` is a transformers causal LM without LoRA layers (sdpa or eager attention); the engine
+    owns it from now on (eval mode; its adapted linear layers wrapped while the engine holds
+    adapters; `close` gives the plain model back). ``tokenizer`` encodes string prompts as
+    `lorakit generate` does (``chat_template`` and ``separator`` as in training) and decodes
+    outputs; it may be None when prompts are token ids and no stop strings are used. ``max_batch``
+    requests run together at most, each with up to ``max_seq_len`` tokens (prompt and new tokens;
+    default: the model's positions, at most 1024), which sizes the KV cache; at most
+    ``max_adapters`` distinct adapters run together; ``max_adapters`` and ``max_rank`` size the bank.
+    ``max_prefill_tokens`` bounds one step's prefill forward (joining requests × their longest
+    prompt; None: no bound; a longer prompt is prefilled alone), so a burst of arrivals cannot stall
+    the running requests' next token for long.
     """
 
     def __init__(self, model: nn.Module, tokenizer=None, max_batch: int = 64, max_adapters: int = 8,
-                 max_rank: int = 64, *, chat_template: bool = False, separator: str = "\n") -> None:
+                 max_rank: int = 64, *, max_seq_len: int | None = None, max_prefill_tokens: int | None = None,
+                 chat_template: bool = False, separator: str = "\n") -> None:
         _check_plain(model)
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+        config = model.config
+        attention = getattr(config, "_attn_implementation", None)
+        if attention not in (None, "sdpa", "eager"):
+            raise ValueError(f"the engine passes its own 4D attention masks, which {attention!r} attention does not "
+                             f"take; load the model with attn_implementation='sdpa' (or 'eager')")
+        positions = getattr(config, "max_position_embeddings", None)
+        if max_seq_len is None:
+            max_seq_len = min(positions or DEFAULT_MAX_SEQ_LEN, DEFAULT_MAX_SEQ_LEN)
+        if not isinstance(max_seq_len, int) or max_seq_len < 2 or (positions and max_seq_len > positions):
+            raise ValueError(f"max_seq_len must be an integer from 2 to the model's {positions} positions, "
+                             f"got {max_seq_len!r}")
+        if max_prefill_tokens is not None and (not isinstance(max_prefill_tokens, int) or max_prefill_tokens < 1):
+            raise ValueError(f"max_prefill_tokens must be a positive integer or None, got {max_prefill_tokens!r}")
         first = next(model.parameters())
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.max_batch = max_batch
+        self.max_batch, self.max_seq_len, self.max_prefill_tokens = max_batch, max_seq_len, max_prefill_tokens
         self.chat_template, self.separator = chat_template, separator
         self.device = first.device
         self.bank = AdapterBank(structure_copy(model), max_adapters=max_adapters, max_rank=max_rank,
                                 dtype=_float_dtype(model), device=self.device)
         self.route = SlotRoute()
+        self.cache = SlotCache.for_model(config, slots=max_batch, max_seq_len=max_seq_len, dtype=_float_dtype(model),
+                                         device=self.device)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # running[k] holds KV slot k: the running rows stay packed
         accepted = inspect.signature(model.forward).parameters
-        self._keeps_last_logits = "logits_to_keep" in accepted
+        self._keeps_logits = "logits_to_keep" in accepted
         self._cache_argument = "cache" if "cache" in accepted else "past_key_values"  # renamed in transformers 5.x
 
     # --- adapters ----------------------------------------------------------------------------
@@ -89,20 +114,81 @@ class Engine:
         """Load a PEFT/lorakit LoRA adapter directory for this base model as ``name``. A refused
         adapter (`io.AdapterFileError`, `reader.AdapterRefused`) leaves the engine as it was. Any
         number of adapters can be added; ``max_adapters`` of them are in the bank's slots at a time,
-        and a batch's adapters take the slots of the least recently used ones (see `bank.py`)."""
+        and joining requests take the slots of the least recently used adapters that no running
+        request uses (see `bank.py`). Requests already running are not affected."""
         self.bank.add(name, path)
         install(self.model, self.bank.modules, self.route)
 
     def remove_adapter(self, name: str) -> None:
+        users = [r.id for r in (*self.running, *self.waiting) if r.adapter == name]
+        if users:
+            raise ValueError(f"adapter {name!r} is in use by requests {users}; cancel them or let them finish first")
         self.bank.remove(name)
         install(self.model, self.bank.modules, self.route)
 
     def close(self) -> nn.Module:
-        """Unwrap the model's layers and return the plain base model; the engine is empty after."""
+        """Cancel every request, unwrap the model's layers and return the plain base model."""
+        for request in [*self.running, *self.waiting]:
+            self.cancel(request)
         for name in self.bank.names:
             self.bank.remove(name)
         uninstall(self.model)
         return self.model
+
+    # --- requests, one at a time -------------------------------------------------------------
+
+    def submit(self, prompt: Prompt, adapter: str | None = None, *, max_new_tokens: int = 64,
+               temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+               stop: str | Sequence[str] | None = None, ignore_eos: bool = False) -> Request:
+        """Queue one prompt (a string, or token ids) for ``adapter`` (None: the base model) and
+        return its handle; the arguments mean what they mean in `generate`. It runs from the next
+        `step` on that has room for it; read its tokens from `stream`, or from the events of `step`."""
+        text_in = prompt_kind([prompt])
+        ids = self._encode(prompt) if text_in else [int(t) for t in prompt]
+        (request,) = self._requests([ids], [adapter], max_new_tokens, temperature, top_p, [seed], stop, ignore_eos)
+        self.waiting.append(request)
+        return request
+
+    def step(self) -> list[Event]:
+        """One token for every running request, and the first for those that join now: every
+        request's event of this step (requests that end leave the batch, freeing their slots)."""
+        with torch.inference_mode():
+            decoding = list(self.running)
+            joining = self._admit()
+            events = []
+            if decoding:
+                events += self._advance(decoding, self._decode_forward(decoding))
+            if joining:
+                events += self._advance(joining, self._prefill_forward(joining))
+            for request in sorted((r for r in self.running if r.finished), key=lambda r: -r.row):
+                self._leave(request)  # highest row first, so the row moved into a freed one is a live one
+        return events
+
+    def stream(self, request: Request) -> Iterator[Event]:
+        """``request``'s events, stepping the engine (every request advances) until it ends. The first
+        event catches up on what it made before the stream started, if anything. (A server with many
+        streams runs one loop that calls `step` and hands each event to its request's consumer.)"""
+        if request.tokens or request.finished:
+            yield Event(request.id, list(request.tokens), request.text, request.finish_reason)
+        while not request.finished:
+            if request not in self.waiting and request.row < 0:
+                raise ValueError(f"request {request.id} is not in this engine; stream the handle its submit returned")
+            yield from (e for e in self.step() if e.request_id == request.id)
+
+    def run_until_done(self) -> Iterator[Event]:
+        """Every event of every request, step by step, until nothing waits or runs."""
+        while self.waiting or self.running:
+            yield from self.step()
+
+    def cancel(self, request: Request) -> None:
+        """End ``request`` now ("cancelled"), freeing its KV slot; nothing happens to the others."""
+        if request.finished:
+            return
+        request.finish_reason = "cancelled"
+        if request in self.waiting:
+            self.waiting.remove(request)
+        elif request.row >= 0:
+            self._leave(request)
 
     # --- generation --------------------------------------------------------------------------
 
@@ -123,94 +209,128 @@ class Engine:
         decoded text contains one: a string output is cut before it; an ids output keeps the tokens
         up to the one that completed it (a stop string need not end on a token boundary).
         """
-        text_in = _prompt_kind(prompts)
+        text_in = prompt_kind(prompts)
         ids = [self._encode(p) for p in prompts] if text_in else [list(map(int, p)) for p in prompts]
         adapters = self._check_adapters(adapters, len(prompts))
-        stops = _stops(stop)
+        requests = self._requests(ids, adapters, max_new_tokens, temperature, top_p, seeds_for(seed, len(prompts)),
+                                  stop, ignore_eos)
+        self.waiting.extend(requests)
+        try:
+            while not all(r.finished for r in requests):  # requests submitted before these run along
+                self.step()
+        except BaseException:  # an interrupted call leaves no requests of its own behind
+            for request in requests:
+                self.cancel(request)
+            raise
+        if not text_in:
+            return [r.tokens for r in requests]
+        return [self._text(r.tokens, stop_strings(stop)) for r in requests]
+
+    def _requests(self, ids: list[list[int]], adapters: list[str | None], max_new_tokens: int, temperature: float,
+                  top_p: float, seeds: list[int | None], stop, ignore_eos: bool) -> list[Request]:
+        """Checked requests, none queued yet: a bad argument refuses them all."""
+        self._check_adapters(adapters, len(ids))
+        stops = stop_strings(stop)
         if stops and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer to decode the outputs; make the Engine with one")
         params = SamplingParams(float(temperature), float(top_p))
         self._check_lengths(ids, max_new_tokens)
-        seeds = _seeds(seed, len(prompts))
-        requests = [_Request(p, a, params, None if params.greedy else self._generator(sd))
-                    for p, a, sd in zip(ids, adapters, seeds)]
+        return [Request(p, a, params, None if params.greedy else self._generator(sd), max_new_tokens, bool(ignore_eos),
+                        IncrementalText(self.tokenizer, stops) if self.tokenizer is not None else None)
+                for p, a, sd in zip(ids, adapters, seeds)]
 
-        with torch.inference_mode():
-            for batch in self._batches(requests):
-                self._decode(batch, max_new_tokens, stops, ignore_eos)
-        if not text_in:
-            return [r.new for r in requests]
-        return [self._text(r.new, stops) for r in requests]
+    # --- the running batch -------------------------------------------------------------------
 
-    # --- decoding ----------------------------------------------------------------------------
+    def _admit(self) -> list[Request]:
+        """Move waiting requests into free KV slots, in order, while their adapters get bank slots."""
+        names = {r.adapter for r in self.running} - {None}
+        joining, width = [], 0
+        while self.waiting and len(self.running) + len(joining) < self.max_batch:
+            adapter = self.waiting[0].adapter
+            if adapter is not None and adapter not in names and len(names) == self.bank.max_adapters:
+                break  # it waits for a bank slot, and the requests behind it wait their turn
+            width = max(width, len(self.waiting[0].prompt))
+            if joining and self.max_prefill_tokens is not None and width * (len(joining) + 1) > self.max_prefill_tokens:
+                break  # the next step's prefill takes it
+            joining.append(self.waiting.popleft())
+            names.add(adapter)
+        if not joining:
+            return []
+        batch = self.running + joining
+        for request, slot in zip(batch, self.bank.slots_for([r.adapter for r in batch])):
+            request.bank_slot = slot  # unchanged for running requests: their adapters stay in their slots
+        for request in joining:
+            request.row = len(self.running)
+            self.running.append(request)
+        return joining
 
-    def _batches(self, requests: list[_Request]) -> list[list[_Request]]:
-        """Batches of at most ``max_batch`` requests using at most ``max_adapters`` distinct adapters
-        each; longest prompts first, so a batch holds little padding."""
-        pending = sorted(requests, key=lambda r: -len(r.ids))
-        batches = []
-        while pending:  # each pass takes at least the first pending request: it fits an empty batch
-            batch, names, rest = [], set(), []
-            for request in pending:
-                a = request.adapter
-                fits = a is None or a in names or len(names) < self.bank.max_adapters
-                if len(batch) < self.max_batch and fits:
-                    batch.append(request)
-                    if a is not None:
-                        names.add(a)
-                else:
-                    rest.append(request)
-            batches.append(batch)
-            pending = rest
-        return batches
+    def _leave(self, request: Request) -> None:
+        """Free ``request``'s KV slot; the last running request moves into it (the rows stay packed)."""
+        last = self.running[-1]
+        if last is not request:
+            self.cache.move(last.row, request.row, last.cached)
+            last.row = request.row
+            self.running[request.row] = last
+        self.running.pop()
+        request.row = -1
 
-    def _decode(self, requests: list[_Request], max_new_tokens: int, stops: list[str], ignore_eos: bool) -> None:
-        """Decode one batch to the end; each request's ``new`` holds its tokens afterwards."""
-        from transformers import DynamicCache
+    def _advance(self, requests: list[Request], logits: torch.Tensor) -> list[Event]:
+        """Give each request its next token (from its row of logits (n, V)); its event."""
+        eos = self._eos_ids()
+        events = []
+        for request, token in zip(requests, next_tokens(logits, [r.params for r in requests],
+                                                        [r.generator for r in requests]).tolist()):
+            text, detok = "", request.detokenizer
+            if token in eos and not request.ignore_eos:
+                request.finish_reason, tokens = "stop", []
+            else:
+                request.tokens.append(token)
+                tokens = [token]
+                text = detok.push(token) if detok is not None else ""
+                if detok is not None and detok.stopped:
+                    request.finish_reason = "stop"
+                elif len(request.tokens) >= request.max_new_tokens:
+                    request.finish_reason = "length"
+            if request.finished and detok is not None:
+                text += detok.finish()
+            events.append(Event(request.id, tokens, text, request.finish_reason))
+        return events
 
-        eos = set() if ignore_eos else self._eos_ids()
-        for request, slot in zip(requests, self.bank.slots_for([r.adapter for r in requests])):
-            request.slot = slot
-        input_ids, mask = _left_pad([r.ids for r in requests], self._pad_id(), self.device)
-        positions = (mask.cumsum(1) - 1).clamp(min=0)  # 0 at each prompt's first real token
-        cache = DynamicCache(config=self.model.config)
-        running = list(requests)
-        logits = self._forward(input_ids, mask, positions, cache, running)
-        next_position = positions[:, -1:] + 1                                        # (n, 1)
-        while True:
-            tokens = next_tokens(logits, [r.params for r in running], [r.generator for r in running]).tolist()
-            keep = []
-            for row, (request, token) in enumerate(zip(running, tokens)):
-                if token in eos:
-                    continue
-                request.new.append(token)
-                if len(request.new) < max_new_tokens and not self._stopped(request, stops):
-                    keep.append(row)
-            if not keep:
-                return
-            if len(keep) < len(running):  # finished requests leave the batch, and their cache rows
-                index = torch.tensor(keep, device=self.device)
-                cache.batch_select_indices(index)
-                mask, next_position = mask[index], next_position[index]
-                running = [running[k] for k in keep]
-            step_ids = torch.tensor([[r.new[-1]] for r in running], device=self.device)    # (n, 1)
-            mask = torch.cat([mask, mask.new_ones(len(running), 1)], dim=1)
-            logits = self._forward(step_ids, mask, next_position, cache, running)
-            next_position = next_position + 1
+    def _decode_forward(self, requests: list[Request]) -> torch.Tensor:
+        """Rows 0..n-1 (the running requests) feed their last token: logits (n, V)."""
+        window = self.cache.open(0, [r.cached for r in requests], 1)
+        ids = torch.tensor([[r.tokens[-1]] for r in requests], device=self.device)             # (n, 1)
+        return self._forward(ids, window, requests, keep=None)[:, -1]
 
-    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache,
-                 running: list[_Request]) -> torch.Tensor:
-        """The last position's logits (n, V) of one forward, each row through its request's adapter."""
-        kw = {self._cache_argument: cache, **({"logits_to_keep": 1} if self._keeps_last_logits else {})}
-        slots = [r.slot for r in running]
+    def _prefill_forward(self, requests: list[Request]) -> torch.Tensor:
+        """The joining requests' prompts, right padded, into their fresh slots: last-token logits (k, V)."""
+        width = max(len(r.prompt) for r in requests)
+        ids = torch.full((len(requests), width), self._pad_id(), dtype=torch.long)
+        for i, r in enumerate(requests):
+            ids[i, :len(r.prompt)] = torch.tensor(r.prompt, dtype=torch.long)
+        last = torch.tensor([[len(r.prompt) - 1] for r in requests], device=self.device)      # (k, 1)
+        window = self.cache.open(requests[0].row, [0] * len(requests), width)
+        logits = self._forward(ids.to(self.device), window, requests, keep=last)
+        if not self._keeps_logits:  # the model gave every position's logits
+            logits = logits.gather(1, last[..., None].expand(-1, -1, logits.shape[-1]))
+        return logits[:, 0]
+
+    def _forward(self, input_ids: torch.Tensor, window: CacheWindow, requests: list[Request],
+                 keep: torch.Tensor | None) -> torch.Tensor:
+        """One forward through the cache window, each row through its request's adapter: logits."""
+        kw = {self._cache_argument: self.cache}
+        if self._keeps_logits:
+            kw["logits_to_keep"] = 1 if keep is None else keep
+        slots = [r.bank_slot for r in requests]
         routed = self.route.rows(torch.tensor(slots, device=self.device), input_ids.shape[1]) \
             if any(s >= 0 for s in slots) else contextlib.nullcontext()
-        with routed:
-            out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **kw)
-        return out.logits[:, -1]
-
-    def _stopped(self, request: _Request, stops: list[str]) -> bool:
-        return bool(stops) and any(s in self._decoded(request.new) for s in stops)
+        try:
+            with routed:
+                out = self.model(input_ids=input_ids, attention_mask=window.attention_mask(self.cache.dtype),
+                                 position_ids=window.positions(), use_cache=True, **kw)
+        finally:
+            self.cache.window = None
+        return out.logits
 
     # --- inputs and outputs ------------------------------------------------------------------
 
@@ -253,6 +373,11 @@ class Engine:
             if limit is not None and len(prompt) + max_new_tokens - 1 > limit:
                 raise ValueError(f"prompt {i} has {len(prompt)} tokens; with max_new_tokens={max_new_tokens} it "
                                  f"needs more than the model's {limit} positions: shorten it or lower max_new_tokens")
+            if len(prompt) + max_new_tokens - 1 > self.max_seq_len:
+                raise ValueError(f"prompt {i} has {len(prompt)} tokens; with max_new_tokens={max_new_tokens} it needs "
+                                 f"{len(prompt) + max_new_tokens - 1} positions, over the engine's max_seq_len="
+                                 f"{self.max_seq_len}: make the Engine with a larger max_seq_len, or lower "
+                                 f"max_new_tokens")
 
     def _generator(self, seed: int | None) -> torch.Generator:
         if seed is None:  # drawn from torch's generator, so torch.manual_seed makes a run repeatable
@@ -269,7 +394,9 @@ class Engine:
 
     def __repr__(self) -> str:
         return (f"Engine({type(self.model).__name__}, adapters={self.adapters}, max_batch={self.max_batch}, "
-                f"max_adapters={self.bank.max_adapters}, max_rank={self.bank.max_rank})")
+                f"max_seq_len={self.max_seq_len}, max_adapters={self.bank.max_adapters}, "
+                f"max_rank={self.bank.max_rank}, "
+                f"running={len(self.running)}, waiting={len(self.waiting)})")
 
 
 def _check_plain(model: nn.Module) -> None:
@@ -283,43 +410,3 @@ def _check_plain(model: nn.Module) -> None:
 
 def _float_dtype(model: nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-
-
-def _prompt_kind(prompts) -> bool:
-    """True for string prompts, False for token-id prompts; refuses a mix, or a bare string."""
-    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
-        raise TypeError(f"prompts must be a list of strings or of token-id lists, got {type(prompts).__name__}")
-    if not prompts:
-        raise ValueError("no prompts to generate from; pass at least one prompt")
-    kinds = {isinstance(p, str) for p in prompts}
-    if len(kinds) > 1:
-        raise TypeError("prompts mix strings and token-id lists; pass one kind (strings in give strings out, "
-                        "ids in give ids out)")
-    return kinds.pop()
-
-
-def _stops(stop: str | Sequence[str] | None) -> list[str]:
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if any(not isinstance(s, str) or not s for s in stops):
-        raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
-    return stops
-
-
-def _seeds(seed, n: int) -> list[int | None]:
-    if seed is None or isinstance(seed, int):
-        return [seed] * n
-    seeds = list(seed)
-    if len(seeds) != n:
-        raise ValueError(f"seed must be an int or one seed per prompt ({n}), got {len(seeds)} seeds")
-    return seeds
-
-
-def _left_pad(prompts: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, mask), each (n, width): every prompt's last token in the last column."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        mask[row, width - len(prompt):] = 1
-    return ids.to(device), mask.to(device)

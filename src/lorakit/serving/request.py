@@ -1,0 +1,94 @@
+"""A request's life in the engine (`Request`, the handle `Engine.submit` returns) and what a step
+reports about it (`Event`)."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .sampling import SamplingParams
+from .text import IncrementalText
+
+_ids = itertools.count()
+
+
+@dataclass(frozen=True)
+class Event:
+    """What one step made for one request: ``tokens``, its new ids (one per step; none when EOS
+    ended it), ``text``, the text this step released ("" without a tokenizer, and while a character
+    split over tokens or a possible stop string is pending), and ``finish_reason`` once it is over
+    ("stop": EOS or a stop string; "length": max_new_tokens; "cancelled")."""
+
+    request_id: int
+    tokens: list[int]
+    text: str = ""
+    finish_reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(eq=False)
+class Request:
+    """One prompt on its way through the engine. Read ``tokens`` (the new ids so far), ``text`` (the
+    released text, when the engine has a tokenizer) and ``finish_reason`` (None while it runs)."""
+
+    prompt: list[int]
+    adapter: str | None                 # None: the base model
+    params: SamplingParams
+    generator: torch.Generator | None   # None when greedy
+    max_new_tokens: int
+    ignore_eos: bool
+    detokenizer: IncrementalText | None  # None without a tokenizer
+    id: int = field(default_factory=lambda: next(_ids))
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    # where it runs: its KV-cache slot (-1 while waiting or done) and its adapter's bank slot
+    row: int = -1
+    bank_slot: int = -1
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def text(self) -> str:
+        return self.detokenizer.text if self.detokenizer is not None else ""
+
+    @property
+    def cached(self) -> int:
+        """Tokens in its KV slot: the prompt and every new token but the last (not fed back yet)."""
+        return len(self.prompt) + max(len(self.tokens) - 1, 0)
+
+
+def prompt_kind(prompts) -> bool:
+    """True for string prompts, False for token-id prompts; refuses a mix, or a bare string."""
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+        raise TypeError(f"prompts must be a list of strings or of token-id lists, got {type(prompts).__name__}")
+    if not prompts:
+        raise ValueError("no prompts to generate from; pass at least one prompt")
+    kinds = {isinstance(p, str) for p in prompts}
+    if len(kinds) > 1:
+        raise TypeError("prompts mix strings and token-id lists; pass one kind (strings in give strings out, "
+                        "ids in give ids out)")
+    return kinds.pop()
+
+
+def stop_strings(stop: str | Sequence[str] | None) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if any(not isinstance(s, str) or not s for s in stops):
+        raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+    return stops
+
+
+def seeds_for(seed, n: int) -> list[int | None]:
+    if seed is None or isinstance(seed, int):
+        return [seed] * n
+    seeds = list(seed)
+    if len(seeds) != n:
+        raise ValueError(f"seed must be an int or one seed per prompt ({n}), got {len(seeds)} seeds")
+    return seeds

@@ -1,0 +1,85 @@
+"""A request's output text, grown one token at a time, and its stop strings.
+
+Decoding the whole output after every token costs O(n²) over a request. Here each token decodes
+a short window: the tokens since the last text was released, with the few tokens before them as
+context (a tokenizer may render a token differently at the start of a string, e.g. without its
+leading space). The new text is the window's decoding minus the context's. While the window ends
+inside a character (byte-level tokenizers split UTF-8; the decoder shows U+FFFD), nothing is
+released and the window grows until the character is complete.
+
+Stop strings are searched only in the text near its end, and text that might be the start of a
+stop string is held back, so the released text never contains a stop string (or a piece of one).
+"""
+
+from __future__ import annotations
+
+INCOMPLETE = "\ufffd"
+
+
+class IncrementalText:
+    """The text of a growing token list, released in pieces; ``stopped`` once a stop string shows up.
+
+    ``text`` is everything released so far: the decoding of the tokens, cut before the first stop
+    string, with a possible stop-string prefix at its end held back until it is settled."""
+
+    def __init__(self, tokenizer, stops: list[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stops = stops
+        self.tokens: list[int] = []
+        self.context = 0        # tokens[context:released] render the context of the next window
+        self.released = 0       # tokens before this index are in `decoded`
+        self.decoded = ""       # the decoding of tokens[:released]
+        self.text = ""          # decoded, cut before a stop string, minus a held-back tail
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """Add one token; return the text this releases ("" while a character or a stop is pending)."""
+        if self.stopped:
+            raise RuntimeError("this request's text has stopped; no more tokens can be added")
+        self.tokens.append(token)
+        window = self._decode(self.tokens[self.context:])
+        if window.endswith(INCOMPLETE) and len(self.tokens) - self.released < 8:
+            return ""  # a character split over tokens: wait for the rest (a few tokens at most)
+        self._settle(window)
+        return self._release()
+
+    def finish(self) -> str:
+        """No more tokens: release what is pending (a held-back tail did not become a stop string)."""
+        if self.stopped:
+            return ""
+        if self.released < len(self.tokens):
+            self._settle(self._decode(self.tokens[self.context:]))
+        new = self.decoded[len(self.text):]
+        self.text = self.decoded
+        return new
+
+    def _settle(self, window: str) -> None:
+        """tokens[context:] decode to ``window``: append its part past the context's own decoding."""
+        head = self._decode(self.tokens[self.context:self.released])
+        self.decoded += window[len(head):]
+        self.context, self.released = self.released, len(self.tokens)
+
+    def _release(self) -> str:
+        # a stop string starts in the held-back tail or the new text: the released text has none, and
+        # no end of it begins one (else that end would have been held back)
+        found = [i for i in (self.decoded.find(s, len(self.text)) for s in self.stops) if i >= 0]
+        if found:
+            end, self.stopped = min(found), True
+        else:
+            end = len(self.decoded) - self._pending_stop(self.decoded)
+        new = self.decoded[len(self.text):end]
+        self.text += new
+        return new
+
+    def _pending_stop(self, text: str) -> int:
+        """Length of the longest end of ``text`` that begins some stop string (held back for now)."""
+        best = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(text)), best, -1):
+                if text.endswith(s[:k]):
+                    best = k
+                    break
+        return best
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True) if tokens else ""
