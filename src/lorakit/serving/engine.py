@@ -23,8 +23,11 @@ the other requests in the batch nor on when it joined.
 The engine is not thread-safe: one thread (a server's scheduling loop) calls `submit`, `step`,
 `cancel` and reads the events.
 
-Not built yet: CUDA graphs and the Triton kernels, chunked prefill mixed into the decode forward,
-the merged fast path.
+With ``merge_single_adapter=True``, a forward whose rows all use one adapter runs with that adapter
+merged into the base weights, at the base model's cost (`merging.py`: W0 is kept, so switching
+never drifts); off by default, since a merged weight is rounded once into the base dtype.
+
+Not built yet: CUDA graphs and the Triton kernels, chunked prefill mixed into the decode forward.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from ..inject import lora_modules
 from .bank import AdapterBank
 from .kv_cache import CacheWindow, SlotCache
 from .layers import SlotRoute, install, uninstall, wrapped
+from .merging import MergedWeights
 from .reader import structure_copy
 from .request import Event, Request, prompt_kind, seeds_for, stop_strings
 from .sampling import SamplingParams, next_tokens
@@ -65,12 +69,13 @@ class Engine:
     ``max_adapters`` distinct adapters run together; ``max_adapters`` and ``max_rank`` size the bank.
     ``max_prefill_tokens`` bounds one step's prefill forward (joining requests × their longest
     prompt; None: no bound; a longer prompt is prefilled alone), so a burst of arrivals cannot stall
-    the running requests' next token for long.
+    the running requests' next token for long. ``merge_single_adapter`` merges the adapter of a
+    forward whose rows all use it (see `merging.py`).
     """
 
     def __init__(self, model: nn.Module, tokenizer=None, max_batch: int = 64, max_adapters: int = 8,
                  max_rank: int = 64, *, max_seq_len: int | None = None, max_prefill_tokens: int | None = None,
-                 chat_template: bool = False, separator: str = "\n") -> None:
+                 merge_single_adapter: bool = False, chat_template: bool = False, separator: str = "\n") -> None:
         _check_plain(model)
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
@@ -96,6 +101,8 @@ class Engine:
         self.bank = AdapterBank(structure_copy(model), max_adapters=max_adapters, max_rank=max_rank,
                                 dtype=_float_dtype(model), device=self.device)
         self.route = SlotRoute()
+        self.merge_single_adapter = merge_single_adapter
+        self.merged = MergedWeights(model)
         self.cache = SlotCache.for_model(config, slots=max_batch, max_seq_len=max_seq_len, dtype=_float_dtype(model),
                                          device=self.device)
         self.waiting: deque[Request] = deque()
@@ -123,13 +130,16 @@ class Engine:
         users = [r.id for r in (*self.running, *self.waiting) if r.adapter == name]
         if users:
             raise ValueError(f"adapter {name!r} is in use by requests {users}; cancel them or let them finish first")
+        self.merged.use(None, self.bank)
         self.bank.remove(name)
         install(self.model, self.bank.modules, self.route)
+        self.merged.keep_only(self.bank.modules)
 
     def close(self) -> nn.Module:
         """Cancel every request, unwrap the model's layers and return the plain base model."""
         for request in [*self.running, *self.waiting]:
             self.cancel(request)
+        self.merged.use(None, self.bank)
         for name in self.bank.names:
             self.bank.remove(name)
         uninstall(self.model)
@@ -322,6 +332,11 @@ class Engine:
         if self._keeps_logits:
             kw["logits_to_keep"] = 1 if keep is None else keep
         slots = [r.bank_slot for r in requests]
+        adapters = {r.adapter for r in requests}
+        alone = next(iter(adapters)) if len(adapters) == 1 else None
+        self.merged.use(alone if self.merge_single_adapter else None, self.bank)
+        if self.merged.name is not None:  # every row's adapter is in the weights: the base model's forward
+            slots = [-1] * len(slots)
         routed = self.route.rows(torch.tensor(slots, device=self.device), input_ids.shape[1]) \
             if any(s >= 0 for s in slots) else contextlib.nullcontext()
         try:
