@@ -34,9 +34,12 @@ the tiny shape's smoke run about 200× slower (4 s against 0.02 s) and its ratio
 Not yet run on CUDA: the CUDA paths (bf16 weights, synchronize, transformers' compile on the GPU)
 are untested.
 
+``--sweep-adapters 1,2,4,8,16,32`` times the engine with k distinct adapters in the batch and plots
+throughput against k (``<out>.adapters.png``).
+
 TODO (not built): ``--poisson``, the issue's serving scenario: 64 distinct adapters in the bank,
 8 per batch, Poisson arrivals; throughput, TTFT and inter-token latency p50/p90/p99, and the cost of
-an adapter swap from the CPU. Also not built: the plot against the number of distinct adapters.
+an adapter swap from the CPU.
 
     .venv/bin/python benchmarks/serving.py --device cpu --shape tiny --requests 8 --prompt-len 16 \\
         --new-tokens 8 --adapters 2 --out /tmp/serving_smoke.json          # smoke test
@@ -126,13 +129,13 @@ def build_model(shape: Shape, args):
     return model.requires_grad_(False)
 
 
-def save_adapters(model, k: int, root: Path) -> list[str]:
-    """K PEFT adapters for ``model`` (r=16 all-linear, random non-zero A and B, seeds 1..K) under
-    ``root``; ``model`` is left plain (PEFT's ``unload``)."""
+def save_adapters(model, k: int, root: Path, first: int = 0) -> list[str]:
+    """K PEFT adapters for ``model`` (r=16 all-linear, random non-zero A and B, seeds first+1..first+K)
+    under ``root``; ``model`` is left plain (PEFT's ``unload``)."""
     from peft import LoraConfig, get_peft_model
 
     paths = []
-    for i in range(k):
+    for i in range(first, first + k):
         peft_model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules="all-linear",
                                                       lora_dropout=0.0))
         g = torch.Generator().manual_seed(i + 1)
@@ -231,6 +234,8 @@ class Run:
         self.args, self.start, self.rows, self.longest = args, time.perf_counter(), [], 0.0
         self.out = Path(args.out or RESULTS / f"serving_{args.device}.json")
         self.memory, self.checks, self.setup = {}, {}, {}
+        self.sweep: list[dict] = []  # --sweep-adapters points
+        self.plot: Path | None = None
 
     def wanted(self, name: str) -> bool:
         return name in self.args.rows
@@ -320,7 +325,8 @@ class Run:
             "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "targets": "all-linear", "factor_std": FACTOR_STD},
             "setup": self.setup, "memory": self.memory,
             "tokens_match": self.checks.get("tokens_match"), "checks": self.checks,
-            "targets": self.targets(), "complete": complete,
+            "targets": self.targets(), "complete": complete, "sweep": self.sweep,
+            "sweep_plot": str(self.plot) if self.plot else None,
             "rows": [{k: v for k, v in r.items() if k != "tokens"} | ({"tokens_first_2": r["tokens"][:2]}
                                                                        if "tokens" in r else {}) for r in self.rows],
         }
@@ -403,11 +409,78 @@ def run(args) -> None:
 
     bench.measure("peft_mixed", peft_row)
 
+    if args.sweep_adapters:
+        model = sweep_adapters(bench, model, prompts, paths, Path(tmp.name) / "sweep", args)
     check(bench, model, prompts, mixed, args)
     bench.write(complete=True)
     tmp.cleanup()
     print_table(bench)
     print(f"\nwrote {bench.out}")
+
+
+def sweep_adapters(bench: Run, model, prompts, paths: list[str], root: Path, args):
+    """Engine throughput with k distinct adapters round-robin over the batch, for each k of
+    ``--sweep-adapters``; the points go to the JSON (``sweep``) and a plot beside it. Returns the model."""
+    from lorakit.serving import Engine
+
+    ks = [k for k in args.sweep_adapters if k <= args.requests]
+    need = max(ks, default=0) - len(paths)
+    paths = paths + (save_adapters(model, need, root, first=len(paths)) if need > 0 else [])
+    for k in ks:
+        left = args.time_budget - (time.perf_counter() - bench.start) if args.time_budget else None
+        if left is not None and (left <= 0 or bench.longest > left):
+            bench.sweep.append({"distinct_adapters": k, "status": "skipped", "error": "time budget"})
+            continue
+        engine = Engine(model, None, max_batch=args.requests, max_adapters=k, max_rank=LORA_R,
+                        max_seq_len=args.prompt_len + args.new_tokens)
+        begun = time.perf_counter()
+        try:
+            for i in range(k):
+                engine.add_adapter(f"s{i}", paths[i])
+            result = engine_run(engine, prompts, [f"s{i % k}" for i in range(args.requests)], args)
+        finally:
+            model = engine.close()
+        bench.longest = max(bench.longest, time.perf_counter() - begun)
+        bench.sweep.append({"distinct_adapters": k, "status": "ok", "prefill_s": result["prefill_s"],
+                            "total_s": result["total_s"],
+                            "tokens_per_s": args.requests * args.new_tokens / result["total_s"]})
+        print(f"sweep: {k} distinct adapters, {bench.sweep[-1]['tokens_per_s']:,.0f} tok/s", file=sys.stderr, flush=True)
+        bench.write(complete=False)
+    plot_sweep(bench)
+    return model
+
+
+def plot_sweep(bench: Run) -> None:
+    """Throughput against the number of distinct adapters in the batch, with the base rows as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [p for p in bench.sweep if p["status"] == "ok"]
+    if not points:
+        return
+    args = bench.args
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot([p["distinct_adapters"] for p in points], [p["tokens_per_s"] for p in points], "o-",
+            label="engine, k adapters mixed")
+    for name, style in (("engine_base", "--"), ("hf_dynamic", ":"), ("hf_static", "-.")):
+        row = bench.ok(name)
+        if row is not None:
+            ax.axhline(row["tokens_per_s"], linestyle=style, color="gray", label=LABELS[name])
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([p["distinct_adapters"] for p in points], [str(p["distinct_adapters"]) for p in points])
+    ax.set_xlabel("distinct adapters in the batch (r=16, all-linear)")
+    ax.set_ylabel("output tokens/s")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"{args.shape} shape, {args.device}, {args.requests} requests x {args.prompt_len} prompt "
+                 f"+ {args.new_tokens} new tokens", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    bench.plot = bench.out.with_suffix(".adapters.png")
+    fig.savefig(bench.plot, dpi=110)
+    plt.close(fig)
 
 
 def check(bench: Run, model, prompts, mixed, args) -> None:
@@ -507,6 +580,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads (default 1 on CPU: on a small, busy machine "
                    "more threads than free cores make every step wait on the slowest; torch's default on CUDA)")
     p.add_argument("--repeats", type=int, help="timed runs per row, medians reported (default 3 on CPU, 1 on CUDA)")
+    p.add_argument("--sweep-adapters", type=lambda t: [int(x) for x in t.split(",") if x], default=[],
+                   help="also time the engine with k distinct adapters mixed, for each k of this comma list "
+                        "(the issue's plot: 1,2,4,8,16,32); the plot goes beside --out as .adapters.png "
+                        "(default: no sweep)")
     p.add_argument("--out", help="output JSON (default benchmarks/results/serving_<device>.json)")
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
