@@ -367,3 +367,13 @@ def test_a_checkpoint_that_lacks_weights_is_still_reported(tmp_path, model_dir, 
     broken = drop_one_weight(Path(shutil.copytree(model_dir, tmp_path / "llama")), "mlp.up_proj.weight")
     with pytest.warns(UserWarning, match="lacks 1 weight"):
         assert main(train_args(broken, e2e_file, tmp_path / "lm", "--steps", "1")) == 0
+
+
+def test_a_run_over_an_old_checkpoint_names_the_flags(model_dir, e2e_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(model_dir, e2e_file, out, "--steps", "1")) == 0
+    capsys.readouterr()
+    assert main(train_args(model_dir, e2e_file, out, "--steps", "1")) == 2
+    err = capsys.readouterr().err
+    assert "pass --resume to continue it, or --overwrite to start afresh" in err, err
+    assert "resume=True" not in err

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lorakit.hints import SettingError
+
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
@@ -36,8 +38,9 @@ FORMAT_VERSION = 1
 STATE, ADAPTER, OPTIMIZER, RNG = "trainer_state.json", "adapter.safetensors", "optimizer.safetensors", "rng.safetensors"
 
 
-class ResumeError(ValueError):
-    """A checkpoint that this run cannot continue; the message says why and what to do."""
+class ResumeError(SettingError):
+    """A checkpoint that this run cannot continue; the message says why and what to do (naming
+    options as `Setting`s, so the command line reads its flags)."""
 
 
 # --- RNG ----------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from lorakit.adapters import trainable_parameters
 from lorakit.files import fsync_directory
+from lorakit.hints import Setting
 from lorakit.inject import lora_state
 from lorakit.io import save_adapter
 
@@ -145,8 +146,9 @@ def _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter
         say(f"resuming from {ckpt.path} at step {step}")
     else:
         if find_checkpoint(paths["checkpoint"]) is not None and not config.overwrite:
-            raise ResumeError(f"{paths['checkpoint']} holds a checkpoint of an earlier run; pass resume=True "
-                              f"(--resume) to continue it, or overwrite=True to start afresh")
+            raise ResumeError(f"{paths['checkpoint']} holds a checkpoint of an earlier run; pass ",
+                              Setting("resume", True), " to continue it, or ", Setting("overwrite", True),
+                              " to start afresh")
         if config.overwrite and _holds_run(out):
             # The old run stays whole, and resumable, until this one has a checkpoint to put in its place.
             staging = out / ".overwrite"  # inside out: the renames stay on its file system
