@@ -377,3 +377,9 @@ def test_a_run_over_an_old_checkpoint_names_the_flags(model_dir, e2e_file, tmp_p
     err = capsys.readouterr().err
     assert "pass --resume to continue it, or --overwrite to start afresh" in err, err
     assert "resume=True" not in err
+
+
+def test_resume_without_a_checkpoint_names_the_flag(model_dir, e2e_file, tmp_path, capsys):
+    assert main(train_args(model_dir, e2e_file, tmp_path / "empty", "--steps", "1", "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "to start a new run, run without --resume" in err, err

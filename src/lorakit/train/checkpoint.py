@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorakit.hints import SettingError
+from lorakit.hints import Setting, SettingError
 
 import numpy as np
 import torch
@@ -179,7 +179,8 @@ class Checkpoint:
 def load_checkpoint(directory: Path) -> Checkpoint:
     found = find_checkpoint(directory)
     if found is None:
-        raise ResumeError(f"no checkpoint in {directory} to resume from; run without resume to start a new run")
+        raise ResumeError(f"no checkpoint in {directory} to resume from; to start a new run, run without ",
+                          Setting("resume"))
     try:
         state = json.loads((found / STATE).read_text())
         params = load_file(str(found / ADAPTER))
