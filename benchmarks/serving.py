@@ -61,7 +61,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -80,26 +80,8 @@ PEFT_SLOWER = 8.0  # guess of PEFT's mixed row over the longest row so far, for 
 LORA_R, LORA_ALPHA, FACTOR_STD = 16, 32, 0.05  # std 0.05: ΔW = s·B·A has entries of std ~0.02, as W0's init
 
 
-@dataclass(frozen=True)
-class Shape:
-    """A Llama's shape (the batch comes from --requests, --prompt-len and --new-tokens)."""
-
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    vocab: int
-    tie_embeddings: bool = False
-    rope_theta: float = 10000.0
-
-
-SHAPES = {
-    "tiny": Shape(128, 344, 4, 4, 2, 1024),  # CPU smoke runs
-    "smollm2": Shape(576, 1536, 30, 9, 3, 49152, tie_embeddings=True),  # SmolLM2-135M
-    "tinyllama": Shape(2048, 5632, 22, 32, 4, 32000),  # TinyLlama-1.1B
-    "llama3-8b": Shape(4096, 14336, 32, 32, 8, 128256, rope_theta=500000.0),  # Llama-3-8B
-}
+# The shapes (layers and widths) of train_speed.py; its batch and sequence fields are not used here.
+from train_speed import SHAPES, Shape  # noqa: E402
 
 
 # --- setup -----------------------------------------------------------------------------------

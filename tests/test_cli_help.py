@@ -17,6 +17,7 @@ import torch
 import lorakit
 from lorakit.cli import build_parser, main
 
+from test_cli import model_dir  # noqa: F401 - the tiny local Llama (its tokenizer has a chat template)
 from test_data import E2E_LINES, SST2_LINES, make_tokenizer
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -30,22 +31,6 @@ def _subparsers() -> dict[str, argparse.ArgumentParser]:
 
 def _flat(text: str) -> str:
     return " ".join(text.split())
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """A tiny Llama with a BPE tokenizer; its tokenizer has a chat template (ChatML)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = make_tokenizer(bos=False)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
-    path = tmp_path_factory.mktemp("tiny-model")
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ class MergedWeights:
         self.name: str | None = None
         self.switches = 0  # merges and unmerges done, for the engine's statistics
         self._pristine: dict[str, torch.Tensor] = {}  # module name -> W0, on the CPU
+        self._changed: list[str] = []  # the modules the merged adapter wrote
 
     def use(self, name: str | None, bank: AdapterBank) -> None:
         """Make ``name`` the merged adapter (None: none); a no-op when it already is."""
@@ -43,10 +44,10 @@ class MergedWeights:
             return
         layers = wrapped(self.model)
         with torch.no_grad():
-            for module_name, w0 in self._pristine.items():
+            for module_name in self._changed:
                 if module_name in layers:
-                    layers[module_name].base_layer.weight.copy_(w0)
-        self.name, self.switches = None, self.switches + 1
+                    layers[module_name].base_layer.weight.copy_(self._pristine[module_name])
+        self.name, self.switches, self._changed = None, self.switches + 1, []
 
     def keep_only(self, module_names) -> None:
         """Drop the W0 copies of modules not in ``module_names`` (those the engine no longer wraps);
@@ -67,4 +68,5 @@ class MergedWeights:
                     delta = delta.t()                                                  # Conv1D: (d_in, d_out)
                 w0 = self._pristine[module_name].to(weight.device, torch.float32)
                 weight.copy_((w0 + delta.to(weight.device)).to(weight.dtype))
+                self._changed.append(module_name)
         self.name, self.switches = name, self.switches + 1
