@@ -5,12 +5,14 @@ Variants (``--variants``):
 - ``floor``: the frozen base, no adapters, no optimizer; forward + backward with activation
   gradients only (the input embeddings require grad, so gradients flow through every layer into
   no weight). LoRA cannot be cheaper than this.
-- ``lorakit``: ``lorakit.inject(model, LoraConfig(...))``, nothing else set.
+- ``lorakit``: ``lorakit.inject(model, LoraConfig(...))``, nothing else set; compiled rows use
+  ``lorakit.compile`` (``torch.compile`` whose partitioner may recompute the adapted layers' inputs
+  in backward), or plain ``torch.compile`` with ``--recompute-inputs off``.
 - ``peft``: ``peft.get_peft_model`` with the same r, alpha and targets, dropout 0.
 - ``full`` (not in the default list): every weight trains.
 
 Targets (``--targets``): ``all-linear`` (r=16, alpha 32) and ``qv`` (q_proj, v_proj; r=8, alpha 16).
-Modes: ``--compile off,on`` (``torch.compile(model)``, ``--compile-mode``) × ``--autocast off,bf16``.
+Modes: ``--compile off,on`` (``torch.compile(model)`` for floor and PEFT, ``--compile-mode``) × ``--autocast off,bf16``.
 Base weights bf16 on CUDA (fp32 on CPU), adapters as each library makes them (fp32), AdamW
 (``fused=True`` on CUDA), random batches, seeded random weights (``--shape``).
 
@@ -177,6 +179,16 @@ def forward(model, embed, ids: torch.Tensor, autocast: bool):
         return model(inputs_embeds=embed(ids).detach().requires_grad_(), labels=ids).loss
 
 
+def compile_model(model, row: Row, args):
+    """``lorakit.compile`` for lorakit rows (``--recompute-inputs``), ``torch.compile`` for the others."""
+    mode = None if args.compile_mode == "default" else args.compile_mode
+    if row.variant == "lorakit":
+        import lorakit
+
+        return lorakit.compile(model, mode=mode, recompute_inputs=args.recompute_inputs == "on")
+    return torch.compile(model, mode=mode)
+
+
 def measure(row: Row, args) -> dict:
     """Time training steps of one row in this process."""
     shape = SHAPES[row.shape]
@@ -186,7 +198,7 @@ def measure(row: Row, args) -> dict:
     embed = model.get_input_embeddings() if row.variant == "floor" else None
     opt = torch.optim.AdamW(params, lr=1e-4, fused=cuda) if params else None
     if row.compile:
-        model = torch.compile(model, mode=None if args.compile_mode == "default" else args.compile_mode)
+        model = compile_model(model, row, args)
     graphed = row.compile and args.compile_mode in ("reduce-overhead", "max-autotune")  # CUDA graph trees
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, shape.vocab, (batch, seq), generator=g).to(args.device) for _ in range(4)]
@@ -424,7 +436,8 @@ def write_json(path: Path, payload: dict) -> None:
 def print_table(rows: list[dict], args) -> None:
     unit, scale = ("GiB", 2**30) if args.device == "cuda" else ("GB RSS", 1e9)
     print(f"\ntraining step, {args.device}, {args.dtype} weights, median of {args.steps} steps after "
-          f"{args.warmup} warm-up steps (first one timed separately), compile mode {args.compile_mode}")
+          f"{args.warmup} warm-up steps (first one timed separately), compile mode {args.compile_mode}, "
+          f"lorakit recompute-inputs {args.recompute_inputs}")
     head = (f"{'shape':<10} {'targets':<10} {'variant':<8} {'mode':<27} {'ms/step':>8} {'tok/s':>9} {'×floor':>7} "
             f"{'peak ' + unit:>11} {'×floor':>7} {'×peft':>6} {'slowest':>8} {'first s':>8}")
     print(head + "\n" + "-" * len(head))
@@ -457,7 +470,7 @@ def interleave(args) -> None:
         model, params = prepare(build_model(shape, args), row)
         opt = torch.optim.AdamW(params, lr=1e-4, fused=args.device == "cuda") if params else None
         embed = model.get_input_embeddings() if row.variant == "floor" else None
-        setups.append((row, torch.compile(model) if compiled else model, opt, embed))
+        setups.append((row, compile_model(model, row, args) if compiled else model, opt, embed))
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, shape.vocab, (batch, seq), generator=g).to(args.device) for _ in range(4)]
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
@@ -527,6 +540,9 @@ def main() -> None:
     p.add_argument("--compile", type=on_off("on"), default=[True, False], help="off,on (default both)")
     p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune",
                                                                  "max-autotune-no-cudagraphs"])
+    p.add_argument("--recompute-inputs", default="on", choices=["on", "off"], help="compiled lorakit rows: "
+                   "lorakit.compile lets Inductor remake the adapted layers' inputs (norm outputs) in "
+                   "backward (on), or plain torch.compile (off) (default: %(default)s)")
     p.add_argument("--compile-cache", default="fresh", choices=["fresh", "shared"], help="fresh: every row "
                    "compiles with an empty inductor/Triton cache (honest first-step times); shared: the usual one")
     p.add_argument("--autocast", type=on_off("bf16"), default=[True, False], help="off,bf16 (default both)")

@@ -166,3 +166,60 @@ def test_gradient_checkpointing_gives_the_same_adapter_gradients(tokens, compile
     assert expected.keys() == got.keys() and len(got) == 2 * 7 * 2
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)
+
+
+# --- lorakit.compile: the adapted layers' inputs remade in backward ------------------------------
+
+
+def saved_shapes(model, tokens) -> list[tuple[int, ...]]:
+    """Shapes of the tensors autograd keeps for backward during one forward (a compiled graph's
+    saved activations included: AOT autograd saves them through ctx.save_for_backward)."""
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: (shapes.append(tuple(t.shape)), t)[1], lambda t: t):
+        model(input_ids=tokens, labels=tokens).loss.backward()
+    return shapes
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], "all-linear"])
+def test_lorakit_compile_keeps_no_norm_output_and_matches_eager(tokens, targets):
+    """Plain torch.compile keeps each attention norm's output (tokens × hidden) for q and v's dA;
+    lorakit.compile lets the partitioner make it again in backward, with the same loss and
+    gradients as eager, and leaves torch's process-wide partitioner setting as it was."""
+    def build():
+        model = tiny_llama()
+        lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=targets))
+        randomize_adapters(model)
+        return model.train()
+
+    rows, hidden = tokens.numel(), 32
+    eager = build()
+    eager_loss = eager(input_ids=tokens, labels=tokens).loss
+    eager_loss.backward()
+
+    torch._dynamo.reset()
+    plain = build()
+    plain_saved = saved_shapes(torch.compile(plain), tokens)
+    torch._dynamo.reset()
+    ours = build()
+    before = torch._functorch.config.ban_recompute_materialized_backward
+    compiled = lorakit.compile(ours, fullgraph=True)
+    ours_saved = saved_shapes(compiled, tokens)
+    assert torch._functorch.config.ban_recompute_materialized_backward == before
+
+    norm_out = (rows, hidden)
+    assert plain_saved.count(norm_out) >= 2  # one attention norm output per layer, at least
+    assert ours_saved.count(norm_out) < plain_saved.count(norm_out)
+    numel = lambda shapes: sum(torch.Size(s).numel() for s in shapes)
+    assert numel(ours_saved) < numel(plain_saved)
+    loss = compiled(input_ids=tokens, labels=tokens).loss
+    assert_close_rel(loss.detach(), eager_loss.detach(), 1e-5)
+    for name, grad in lora_grads(eager).items():
+        assert_close_rel(dict(ours.named_parameters())[name].grad, grad, 1e-5)  # saved_shapes' backward
+
+
+def test_lorakit_compile_off_is_torch_compile_and_modes_are_checked(tokens):
+    torch._dynamo.reset()
+    a, b = injected().train(), injected().train()
+    assert saved_shapes(lorakit.compile(a, recompute_inputs=False), tokens) == saved_shapes(torch.compile(b), tokens)
+    with pytest.raises(ValueError, match="reduce-overhead"):
+        lorakit.compile(a, mode="fast")

@@ -3,10 +3,12 @@
     cfg = lorakit.LoraConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"])
     model = lorakit.inject(model, cfg)            # in place; freezes everything but the adapter
     lorakit.save_adapter(model, "out/adapter")    # PEFT layout, loadable by PEFT
+    step = lorakit.compile(model)                 # torch.compile, adapted layers' inputs remade in backward
 
     model, tokenizer = lorakit.load_model("default")  # the embedded SmolLM2-135M-Instruct, no download
 """
 
+from .compiling import compile
 from .adapters import active_adapters, adapter_names, disabled, merge, switch, trainable_parameters, unmerge, use
 from .config import ConfigError, LoraConfig
 from .inject import delete_adapter, inject, unload
@@ -19,7 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "LoraConfig", "inject", "save_adapter", "load_adapter", "use", "disabled", "merge", "unmerge",
     "switch", "route", "unload", "trainable_parameters", "delete_adapter", "active_adapters", "adapter_names",
-    "LoraLayer", "ConfigError", "AdapterFileError", "MergeError", "load_model",
+    "LoraLayer", "ConfigError", "AdapterFileError", "MergeError", "load_model", "compile",
 ]
 
 

@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lorakit.adapters import trainable_parameters
+from lorakit.compiling import compile as compile_model
 from lorakit.files import fsync_directory
 from lorakit.hints import Setting
 from lorakit.inject import lora_state
@@ -188,7 +189,8 @@ def _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter
     # torch compile once more with symbolic sizes, and that graph serves every later length. Batches
     # padded to a multiple of 64 run that graph fast; unpadded lengths ran slower than eager on an
     # H200 (docs/performance.md), so `finetune` pads them when compiling.
-    forward = torch.compile(wrapped) if compiled else wrapped
+    # lorakit.compile: torch.compile with the adapted layers' inputs remade in backward (compiling.py).
+    forward = compile_model(wrapped) if compiled else wrapped
     # FSDP replaced the parameters with sharded ones (same names): the optimizer holds those.
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     names, params = _in_optimizer_order(named)
