@@ -285,3 +285,23 @@ def test_an_interrupted_generate_leaves_nothing_behind(paths, monkeypatch) -> No
     monkeypatch.setattr(Engine, "step", step)
     assert engine.generate(PROMPTS[:1], ["qv"], max_new_tokens=NEW, ignore_eos=True) == \
         engine_with(paths, names=("qv",)).generate(PROMPTS[:1], ["qv"], max_new_tokens=NEW, ignore_eos=True)
+
+
+def test_prefill_asks_only_for_an_int_logits_to_keep(paths, references, monkeypatch) -> None:
+    """transformers before 5.2x reads a per-row index tensor as one index for every row (the
+    engine's first H200 run failed on it): the engine keeps the last positions with an int and
+    picks each row's last token itself, so prompts of different lengths still decode right."""
+    engine = engine_with(paths, names=("qv",), max_batch=4)
+    forward, seen = engine.model.forward, []
+
+    def int_only(*args, logits_to_keep=0, **kwargs):
+        seen.append(logits_to_keep)
+        assert isinstance(logits_to_keep, int)
+        return forward(*args, logits_to_keep=logits_to_keep, **kwargs)
+
+    monkeypatch.setattr(engine.model, "forward", int_only)
+    prompts = [PROMPTS[1], PROMPTS[2], PROMPTS[3]]  # 11, 1 and 5 tokens: one prefill
+    outs = engine.generate(prompts, ["qv", None, "qv"], max_new_tokens=NEW, ignore_eos=True)
+    assert seen[0] == 11  # the last 11 positions: from the 1-token prompt's last token on
+    for prompt, adapter, out in zip(prompts, ["qv", None, "qv"], outs):
+        assert out == greedy(references[adapter], prompt)

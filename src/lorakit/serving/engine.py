@@ -310,7 +310,7 @@ class Engine:
         """Rows 0..n-1 (the running requests) feed their last token: logits (n, V)."""
         window = self.cache.open(0, [r.cached for r in requests], 1)
         ids = torch.tensor([[r.tokens[-1]] for r in requests], device=self.device)             # (n, 1)
-        return self._forward(ids, window, requests, keep=None)[:, -1]
+        return self._forward(ids, window, requests)[:, -1]
 
     def _prefill_forward(self, requests: list[Request]) -> torch.Tensor:
         """The joining requests' prompts, right padded, into their fresh slots: last-token logits (k, V)."""
@@ -318,19 +318,22 @@ class Engine:
         ids = torch.full((len(requests), width), self._pad_id(), dtype=torch.long)
         for i, r in enumerate(requests):
             ids[i, :len(r.prompt)] = torch.tensor(r.prompt, dtype=torch.long)
-        last = torch.tensor([[len(r.prompt) - 1] for r in requests], device=self.device)      # (k, 1)
+        # Logits of the last positions only, from the shortest prompt's last token on: an int
+        # logits_to_keep means that in every transformers version (a per-row index tensor does not).
+        kept = width - min(len(r.prompt) for r in requests) + 1
         window = self.cache.open(requests[0].row, [0] * len(requests), width)
-        logits = self._forward(ids.to(self.device), window, requests, keep=last)
-        if not self._keeps_logits:  # the model gave every position's logits
-            logits = logits.gather(1, last[..., None].expand(-1, -1, logits.shape[-1]))
+        logits = self._forward(ids.to(self.device), window, requests, keep=kept)
+        first = width - logits.shape[1]  # 0 when the model gave every position's logits
+        last = torch.tensor([[len(r.prompt) - 1 - first] for r in requests], device=self.device)  # (k, 1)
+        logits = logits.gather(1, last[..., None].expand(-1, -1, logits.shape[-1]))
         return logits[:, 0]
 
     def _forward(self, input_ids: torch.Tensor, window: CacheWindow, requests: list[Request],
-                 keep: torch.Tensor | None) -> torch.Tensor:
+                 keep: int = 1) -> torch.Tensor:
         """One forward through the cache window, each row through its request's adapter: logits."""
         kw = {self._cache_argument: self.cache}
         if self._keeps_logits:
-            kw["logits_to_keep"] = 1 if keep is None else keep
+            kw["logits_to_keep"] = keep  # the last `keep` positions
         slots = [r.bank_slot for r in requests]
         adapters = {r.adapter for r in requests}
         alone = next(iter(adapters)) if len(adapters) == 1 else None
