@@ -4,6 +4,12 @@ For each module that at least one loaded adapter targets:
 
     A: (max_adapters, max_rank, d_in)     B: (max_adapters, d_out, max_rank)
 
+stored rank-major, (max_rank, slots, d_in) and (d_out, max_rank, slots), and read through views
+in the slot-major shapes above. Rank-major, the first r·S rows of A and columns of B are every
+slot's components 0..r-1 (column i·S + s is slot s's component i): one contiguous block that the
+graph-safe dense op (`ops.segmented_lora_dense`) multiplies by without a copy, at the narrowest
+rank that holds every loaded adapter.
+
 Slot k of every module belongs to one adapter. Its rank r ≤ max_rank fills A[k, :r] and
 B[k, :, :r]; the rest is zero, so padding adds nothing. The scaling s is folded into B at load, so
 the segmented op (`ops.py`) needs no per-adapter numbers. A module that adapter k does not target
@@ -39,9 +45,25 @@ class BankModule:
     """One module's stacked factors, on the bank's device and in its dtype."""
 
     name: str
-    A: torch.Tensor      # (slots, max_rank, d_in)
-    B: torch.Tensor      # (slots, d_out, max_rank), s folded in
-    ranks: list[int]     # per slot: the rank written there, 0 for none (for kernels that skip padding)
+    A_by_rank: torch.Tensor  # (max_rank, slots, d_in)
+    B_by_rank: torch.Tensor  # (d_out, max_rank, slots), s folded in
+    ranks: list[int]         # per slot: the rank written there, 0 for none (for kernels that skip padding)
+
+    @property
+    def A(self) -> torch.Tensor:
+        """(slots, max_rank, d_in): a view; A[k] is slot k's factor."""
+        return self.A_by_rank.transpose(0, 1)
+
+    @property
+    def B(self) -> torch.Tensor:
+        """(slots, d_out, max_rank): a view, the scaling folded in; B[k] is slot k's factor."""
+        return self.B_by_rank.permute(2, 0, 1)
+
+    def flat(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A (rank·S, d_in), B (d_out, rank·S)): views of every slot's first ``rank`` components,
+        column i·S + s being slot s's component i (what `ops.segmented_lora_dense` takes)."""
+        R, S, d_in = self.A_by_rank.shape
+        return self.A_by_rank[:rank].reshape(rank * S, d_in), self.B_by_rank[:, :rank].reshape(-1, rank * S)
 
     @property
     def widest_rank(self) -> int:
@@ -159,6 +181,11 @@ class AdapterBank:
             self._recent.move_to_end(name)
         return [-1 if n is None else self.entries[n].slot for n in names]
 
+    @property
+    def widest_rank(self) -> int:
+        """The largest rank of any adapter in a slot, in any module (at least 1)."""
+        return max((m.widest_rank for m in self.modules.values()), default=1)
+
     def nbytes(self) -> int:
         """Memory the stacked factors take on the bank's device."""
         return sum(m.A.nbytes + m.B.nbytes for m in self.modules.values())
@@ -203,8 +230,8 @@ class AdapterBank:
         d_out, d_in = dense_weight(base).shape
         kw = {"dtype": self.dtype, "device": self.device}
         return BankModule(module_name,
-                          A=torch.zeros(self.max_adapters, self.max_rank, d_in, **kw),
-                          B=torch.zeros(self.max_adapters, d_out, self.max_rank, **kw),
+                          A_by_rank=torch.zeros(self.max_rank, self.max_adapters, d_in, **kw),
+                          B_by_rank=torch.zeros(d_out, self.max_rank, self.max_adapters, **kw),
                           ranks=[0] * self.max_adapters)
 
 

@@ -27,7 +27,10 @@ With ``merge_single_adapter=True``, a forward whose rows all use one adapter run
 merged into the base weights, at the base model's cost (`merging.py`: W0 is kept, so switching
 never drifts); off by default, since a merged weight is rounded once into the base dtype.
 
-Not built yet: CUDA graphs and the Triton kernels, chunked prefill mixed into the decode forward.
+On a CUDA device decode steps run on fixed buckets replayed as CUDA graphs (`graphs.py`), through
+the dense segmented op; prefill runs eagerly through the reference op.
+
+Not built yet: the Triton kernels, chunked prefill mixed into the decode forward.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from torch import nn
 from ..data import encode_prompt
 from ..inject import lora_modules
 from .bank import AdapterBank
+from .graphs import DecodeGraphs
 from .kv_cache import CacheWindow, SlotCache
 from .layers import SlotRoute, install, uninstall, wrapped
 from .merging import MergedWeights
@@ -70,12 +74,15 @@ class Engine:
     ``max_prefill_tokens`` bounds one step's prefill forward (joining requests × their longest
     prompt; None: no bound; a longer prompt is prefilled alone), so a burst of arrivals cannot stall
     the running requests' next token for long. ``merge_single_adapter`` merges the adapter of a
-    forward whose rows all use it (see `merging.py`).
+    forward whose rows all use it (see `merging.py`). ``cuda_graphs`` (default: on a CUDA device)
+    runs decode steps on fixed buckets replayed as CUDA graphs (`graphs.py`); True on a CPU runs the
+    same buckets without capture.
     """
 
     def __init__(self, model: nn.Module, tokenizer=None, max_batch: int = 64, max_adapters: int = 8,
                  max_rank: int = 64, *, max_seq_len: int | None = None, max_prefill_tokens: int | None = None,
-                 merge_single_adapter: bool = False, chat_template: bool = False, separator: str = "\n") -> None:
+                 merge_single_adapter: bool = False, cuda_graphs: bool | None = None, chat_template: bool = False,
+                 separator: str = "\n") -> None:
         _check_plain(model)
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
@@ -107,6 +114,10 @@ class Engine:
                                          device=self.device)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # running[k] holds KV slot k: the running rows stay packed
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda"
+        self.graphs = DecodeGraphs(self._decode_run, max_batch=max_batch, max_seq_len=max_seq_len, device=self.device,
+                                   capture=self.device.type == "cuda") if cuda_graphs else None
         accepted = inspect.signature(model.forward).parameters
         self._keeps_logits = "logits_to_keep" in accepted
         self._cache_argument = "cache" if "cache" in accepted else "past_key_values"  # renamed in transformers 5.x
@@ -124,7 +135,7 @@ class Engine:
         and joining requests take the slots of the least recently used adapters that no running
         request uses (see `bank.py`). Requests already running are not affected."""
         self.bank.add(name, path)
-        install(self.model, self.bank.modules, self.route)
+        self._install()
 
     def remove_adapter(self, name: str) -> None:
         users = [r.id for r in (*self.running, *self.waiting) if r.adapter == name]
@@ -132,7 +143,7 @@ class Engine:
             raise ValueError(f"adapter {name!r} is in use by requests {users}; cancel them or let them finish first")
         self.merged.use(None, self.bank)
         self.bank.remove(name)
-        install(self.model, self.bank.modules, self.route)
+        self._install()
         self.merged.keep_only(self.bank.modules)
 
     def close(self) -> nn.Module:
@@ -143,7 +154,16 @@ class Engine:
         for name in self.bank.names:
             self.bank.remove(name)
         uninstall(self.model)
+        if self.graphs is not None:
+            self.graphs.clear()
         return self.model
+
+    def _install(self) -> None:
+        """Wrap exactly the layers the bank holds factors for; captured graphs read the old layers
+        and tensors, so they go."""
+        install(self.model, self.bank.modules, self.route)
+        if self.graphs is not None:
+            self.graphs.clear()
 
     # --- requests, one at a time -------------------------------------------------------------
 
@@ -308,6 +328,10 @@ class Engine:
 
     def _decode_forward(self, requests: list[Request]) -> torch.Tensor:
         """Rows 0..n-1 (the running requests) feed their last token: logits (n, V)."""
+        if self.graphs is not None:
+            slots = self._forward_slots(requests)
+            rank = self.bank.widest_rank if any(s >= 0 for s in slots) else 0
+            return self.graphs.logits([r.tokens[-1] for r in requests], [r.cached for r in requests], slots, rank)
         window = self.cache.open(0, [r.cached for r in requests], 1)
         ids = torch.tensor([[r.tokens[-1]] for r in requests], device=self.device)             # (n, 1)
         return self._forward(ids, window, requests)[:, -1]
@@ -334,17 +358,40 @@ class Engine:
         kw = {self._cache_argument: self.cache}
         if self._keeps_logits:
             kw["logits_to_keep"] = keep  # the last `keep` positions
-        slots = [r.bank_slot for r in requests]
-        adapters = {r.adapter for r in requests}
-        alone = next(iter(adapters)) if len(adapters) == 1 else None
-        self.merged.use(alone if self.merge_single_adapter else None, self.bank)
-        if self.merged.name is not None:  # every row's adapter is in the weights: the base model's forward
-            slots = [-1] * len(slots)
+        slots = self._forward_slots(requests)
         routed = self.route.rows(torch.tensor(slots, device=self.device), input_ids.shape[1]) \
             if any(s >= 0 for s in slots) else contextlib.nullcontext()
         try:
             with routed:
                 out = self.model(input_ids=input_ids, attention_mask=window.attention_mask(self.cache.dtype),
+                                 position_ids=window.positions(), use_cache=True, **kw)
+        finally:
+            self.cache.window = None
+        return out.logits
+
+    def _forward_slots(self, requests: list[Request]) -> list[int]:
+        """The bank slot of each row of the next forward (-1: base), after merging its one adapter
+        if the policy says so (every row's adapter is then in the weights: -1 everywhere)."""
+        adapters = {r.adapter for r in requests}
+        alone = next(iter(adapters)) if len(adapters) == 1 else None
+        self.merged.use(alone if self.merge_single_adapter else None, self.bank)
+        if self.merged.name is not None:
+            return [-1] * len(requests)
+        return [r.bank_slot for r in requests]
+
+    def _decode_run(self, ids: torch.Tensor, cached: torch.Tensor, slots: torch.Tensor, width: int,
+                    rank: int) -> torch.Tensor:
+        """The decode forward of `graphs.DecodeGraphs` on its buffers: rows 0..R-1, one token each,
+        attending over ``width`` cache positions, through the dense op at ``rank`` (0: base only)."""
+        kw = {self._cache_argument: self.cache}
+        if self._keeps_logits:
+            kw["logits_to_keep"] = 1
+        window = self.cache.window = CacheWindow(0, cached, 1, width)
+        dense = (self.bank.max_adapters, rank, self.cache.dtype)
+        routed = self.route.rows(slots, 1, dense=dense) if rank else contextlib.nullcontext()
+        try:
+            with routed:
+                out = self.model(input_ids=ids, attention_mask=window.attention_mask(self.cache.dtype),
                                  position_ids=window.positions(), use_cache=True, **kw)
         finally:
             self.cache.window = None

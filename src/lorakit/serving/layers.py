@@ -10,31 +10,46 @@ not per layer. Outside that context a wrapper is its base layer.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 from torch import nn
 
 from .bank import BankModule
-from .ops import segmented_lora
+from .ops import segmented_lora, segmented_lora_dense, slot_columns_mask
 
 
 class SlotRoute:
-    """The bank slot of every token of the forward in progress, or None (no adapter anywhere)."""
+    """The bank slot of every token of the forward in progress, or None (no adapter anywhere).
+    With ``dense`` set, the forward's layers run the dense op (`ops.segmented_lora_dense`) over the
+    first ``dense.rank`` components of every slot, with the column mask made once here."""
 
     def __init__(self) -> None:
         self.token_slots: torch.Tensor | None = None  # (N·L,) int64, row-major over (N, L)
+        self.dense: DenseRoute | None = None
 
     @contextlib.contextmanager
-    def rows(self, slots: torch.Tensor, tokens_per_row: int) -> Iterator[None]:
-        """Route the next forward: row i of its (N, L) input uses bank slot ``slots[i]`` (-1: base)."""
+    def rows(self, slots: torch.Tensor, tokens_per_row: int, *, dense: tuple[int, int, torch.dtype] | None = None
+             ) -> Iterator[None]:
+        """Route the next forward: row i of its (N, L) input uses bank slot ``slots[i]`` (-1: base).
+        ``dense``: (bank slots, rank, dtype) for the dense op, else the reference op runs."""
         if slots.dim() != 1:
             raise ValueError(f"slots must be (N,), one bank slot per row; got shape {tuple(slots.shape)}")
-        self.token_slots = slots.repeat_interleave(tokens_per_row)  # (N,) -> (N·L,)
+        self.token_slots = slots if tokens_per_row == 1 else slots.repeat_interleave(tokens_per_row)  # (N·L,)
+        if dense is not None:
+            count, rank, dtype = dense
+            self.dense = DenseRoute(rank, slot_columns_mask(self.token_slots, count, rank, dtype))
         try:
             yield
         finally:
-            self.token_slots = None
+            self.token_slots, self.dense = None, None
+
+
+@dataclass(frozen=True)
+class DenseRoute:
+    rank: int            # components 0..rank-1 of every slot (at least every loaded adapter's rank)
+    mask: torch.Tensor   # (N·L, rank·slots), `ops.slot_columns_mask`
 
 
 class BankedLinear(nn.Module):
@@ -54,9 +69,14 @@ class BankedLinear(nn.Module):
         if slots.shape[0] * x.shape[-1] != x.numel():
             raise ValueError(f"{self.factors.name}: the route has {slots.shape[0]} tokens but this layer's input "
                              f"has shape {tuple(x.shape)}; route as many rows and tokens as the batch has")
-        f = self.factors
-        r = f.widest_rank  # the columns past every slot's rank are zero padding: leave them out
-        delta = segmented_lora(x.to(f.A.dtype), f.A[:, :r], f.B[:, :, :r], slots)
+        f, dense = self.factors, self.route.dense
+        if dense is not None:
+            A_flat, B_flat = f.flat(dense.rank)
+            x2d = x.reshape(-1, x.shape[-1]).to(A_flat.dtype)
+            delta = segmented_lora_dense(x2d, A_flat, B_flat, dense.mask).view(*x.shape[:-1], -1)
+        else:
+            r = f.widest_rank  # the columns past every slot's rank are zero padding: leave them out
+            delta = segmented_lora(x.to(f.A.dtype), f.A[:, :r], f.B[:, :, :r], slots)
         return out + delta.to(out.dtype)
 
     def extra_repr(self) -> str:
