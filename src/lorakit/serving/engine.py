@@ -27,8 +27,8 @@ With ``merge_single_adapter=True``, a forward whose rows all use one adapter run
 merged into the base weights, at the base model's cost (`merging.py`: W0 is kept, so switching
 never drifts); off by default, since a merged weight is rounded once into the base dtype.
 
-On a CUDA device decode steps run on fixed buckets replayed as CUDA graphs (`graphs.py`), through
-the dense segmented op; prefill runs eagerly through the reference op.
+On a CUDA device decode steps run on fixed buckets replayed as CUDA graphs (`graphs.py`), and
+every forward (prefill too, eagerly) takes the dense segmented op, which needs no host sync.
 
 Not built yet: the Triton kernels, chunked prefill mixed into the decode forward.
 """
@@ -75,8 +75,8 @@ class Engine:
     prompt; None: no bound; a longer prompt is prefilled alone), so a burst of arrivals cannot stall
     the running requests' next token for long. ``merge_single_adapter`` merges the adapter of a
     forward whose rows all use it (see `merging.py`). ``cuda_graphs`` (default: on a CUDA device)
-    runs decode steps on fixed buckets replayed as CUDA graphs (`graphs.py`); True on a CPU runs the
-    same buckets without capture.
+    runs decode steps on fixed buckets replayed as CUDA graphs (`graphs.py`) and every forward
+    through the dense segmented op; True on a CPU runs the same buckets without capture.
     """
 
     def __init__(self, model: nn.Module, tokenizer=None, max_batch: int = 64, max_adapters: int = 8,
@@ -359,7 +359,9 @@ class Engine:
         if self._keeps_logits:
             kw["logits_to_keep"] = keep  # the last `keep` positions
         slots = self._forward_slots(requests)
-        routed = self.route.rows(torch.tensor(slots, device=self.device), input_ids.shape[1]) \
+        # with CUDA graphs on, prefill takes the dense op too: no host sync, one GEMM pair per layer
+        dense = (self.bank.max_adapters, self.bank.widest_rank, self.cache.dtype) if self.graphs is not None else None
+        routed = self.route.rows(torch.tensor(slots, device=self.device), input_ids.shape[1], dense=dense) \
             if any(s >= 0 for s in slots) else contextlib.nullcontext()
         try:
             with routed:
