@@ -1,4 +1,4 @@
-"""`lorakit train | generate | eval | merge | demo`: parse the command line, call the library.
+"""`lorakit train | generate | eval | merge | demo | analyze | serve`: parse the command line, call the library.
 
 Every option of `lorakit train` can also come from `--config run.yaml` (same names, dashes or
 underscores); options given on the command line win over the file.
@@ -195,7 +195,51 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how to load --model (classification: 'default' is the embedded MiniLM)")
     a.add_argument("--out", required=True, help="directory for report.md, report.json and the PNG figures")
     a.add_argument("--seed", type=int, default=0, help="seed of the random directions in the amplification table")
+    _serve_parser(sub)
     return parser
+
+
+def _serve_parser(sub) -> argparse.ArgumentParser:
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server: one base model, many adapters",
+                       description="Serve the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models) from "
+                                   "one base model and many adapters: a request's \"model\" is an adapter's name or "
+                                   "the base's served name. Also /v1/load_lora_adapter and /v1/unload_lora_adapter "
+                                   "(vLLM's), /health, /metrics (Prometheus) and a page to try it at /. "
+                                   "Stops on SIGTERM or Ctrl-C.",
+                       epilog="Completion prompts are encoded as `lorakit train` encoded them (the prompt text "
+                              "plus \"\\n\"); chat messages go through the tokenizer's chat template.",
+                       formatter_class=HelpFormatter)
+    s.add_argument("--model", default="default", help=MODEL_HELP)
+    s.add_argument("--adapter", action="append", metavar="NAME=PATH",
+                   help="an adapter (PEFT format) served as model NAME; repeatable (default: none: the base model "
+                        "alone, until adapters are loaded at run time)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 opens it to the network "
+                   "(then set --api-key)")
+    s.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
+    s.add_argument("--api-key", help="every /v1 route needs the header Authorization: Bearer KEY (default: "
+                   "$LORAKIT_API_KEY if set, else none: no key needed)")
+    s.add_argument("--adapter-dir", help="folder that /v1/load_lora_adapter loads adapters from; lora_path is "
+                   "relative to it, and paths that leave it are refused (default: none: no loading at run time)")
+    s.add_argument("--allow-any-adapter-path", action="store_true",
+                   help="let /v1/load_lora_adapter load from any path the server can read (default: off: only "
+                        "from under --adapter-dir)")
+    s.add_argument("--served-model-name", default="base", help="the name requests give as \"model\" for the base "
+                   "model, and /v1/models lists")
+    s.add_argument("--max-batch", type=int, default=16, help="requests that run together (the KV cache holds "
+                   "this many sequences of --max-seq-len tokens)")
+    s.add_argument("--max-adapters", type=int, default=8, help="distinct adapters in one running batch (bank "
+                   "slots); more can be loaded and take turns")
+    s.add_argument("--max-rank", type=int, default=64, help="largest adapter rank the server can load")
+    s.add_argument("--max-seq-len", type=int, help="tokens per request, prompt and completion together "
+                   "(default: the model's positions, at most 1024)")
+    s.add_argument("--max-queue", type=int, default=64, help="requests that may wait for the running batch; "
+                   "more are answered 503 with Retry-After")
+    s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body; larger ones "
+                   "are answered 413")
+    s.add_argument("--shutdown-timeout", type=float, default=10.0, help="seconds that running requests get "
+                   "to finish after SIGTERM before they are cancelled")
+    s.add_argument("--device", default="auto", help=DEVICE_HELP)
+    return s
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

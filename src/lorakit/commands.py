@@ -246,3 +246,59 @@ def analyze(args: argparse.Namespace) -> None:
     skipped = len(report["skipped"]) + len(report["amplification_skipped"])
     print(f"analysed {len(report['layers'])} layer(s)" + (f", skipped {skipped} (see the report)" if skipped else "")
           + f"; wrote {written['markdown']}, {written['json']} and {len(written['figures'])} figure(s)")
+
+
+def serve(args: argparse.Namespace) -> None:
+    """`lorakit serve`: the base model and the --adapter adapters behind the OpenAI API."""
+    import os
+
+    from .serving.server import LOOPBACK, ServerOptions, run
+
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise ValueError(f"lorakit serve needs the server's packages ({e.name} is missing): "
+                         f"pip install 'lorakit[serve]'") from None
+    named: dict[str, str] = {}
+    for spec in args.adapter or []:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--adapter {spec}: give it as NAME=PATH (e.g. --adapter sql=runs/sql/adapter); NAME "
+                             f"is what requests send as \"model\"")
+        if name in named:
+            raise ValueError(f"--adapter {spec}: the name {name!r} is given twice; give each adapter its own name")
+        if name == args.served_model_name:
+            raise ValueError(f"--adapter {spec}: {name!r} is the base model's --served-model-name; rename one of them")
+        named[name] = path
+    for flag, value, least in (("--max-batch", args.max_batch, 1), ("--max-adapters", args.max_adapters, 1),
+                               ("--max-rank", args.max_rank, 1), ("--max-queue", args.max_queue, 0),
+                               ("--max-body-bytes", args.max_body_bytes, 1), ("--port", args.port, 0)):
+        if value < least:
+            raise ValueError(f"{flag} {value}: must be at least {least}")
+    if args.adapter_dir is not None and not Path(args.adapter_dir).is_dir():
+        raise FileNotFoundError(f"--adapter-dir {args.adapter_dir}: no such folder; create it or give another")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("LORAKIT_API_KEY") or None
+    if args.host not in LOOPBACK and api_key is None:
+        print(f"warning: --host {args.host} opens the server to the network without --api-key")
+
+    import torch
+
+    from .serving import Engine
+
+    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = load_model(args.model, "causal")
+    model = model.to(device).eval()
+    engine = Engine(model, tokenizer, max_batch=args.max_batch, max_adapters=args.max_adapters,
+                    max_rank=args.max_rank, max_seq_len=args.max_seq_len)
+    for name, path in named.items():
+        try:
+            engine.add_adapter(name, path)
+        except ValueError as e:
+            raise ValueError(f"--adapter {name}={path}: {e}") from None
+    options = ServerOptions(served_model_name=args.served_model_name, api_key=api_key, adapter_dir=args.adapter_dir,
+                            allow_any_adapter_path=args.allow_any_adapter_path, max_queue=args.max_queue,
+                            max_body_bytes=args.max_body_bytes)
+    print(f"serving {args.served_model_name!r} ({args.model}) and adapters {list(named)} on "
+          f"http://{args.host}:{args.port} (OpenAI API under /v1, a page to try it at /)", flush=True)
+    run(engine, options, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout)

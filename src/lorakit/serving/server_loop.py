@@ -1,0 +1,288 @@
+"""The engine's own thread: the one place that touches the `Engine` while `lorakit serve` runs.
+
+The engine is synchronous and not thread-safe, and the HTTP handlers run on an asyncio event loop.
+So one thread owns the engine: it takes commands from a queue (start a job, cancel one, run a
+function such as `add_adapter`), always between steps, and steps the engine while anything waits
+or runs. Results go back to the event loop with ``loop.call_soon_threadsafe``: a job's ``accepted``
+future (its prompt's token count, or the error that refused it), then, for a stream, each step's
+`Event` on its ``events`` queue, and at the end its ``done`` future (a `Finished`).
+
+The tokenizer is used on this thread only (the prompt is encoded here, and the engine decodes here),
+since a Rust tokenizer shared by two threads can refuse a call ("Already borrowed").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .engine import Engine
+from .request import Event, Request
+from .server_api import ApiError
+from .server_metrics import ServerMetrics
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Finished:
+    """How a job ended: its whole text, its token count and OpenAI's finish reason."""
+
+    text: str
+    completion_tokens: int
+    finish_reason: str
+
+
+@dataclass(eq=False)
+class Job:
+    """One HTTP request's generation. Made by a handler; its engine-side fields (``request``,
+    ``last_token``) are the engine thread's alone."""
+
+    encode: Callable[[Any], list[int]]   # tokenizer -> prompt ids; runs on the engine thread
+    adapter: str | None                  # None: the base model
+    label: str                           # the model name the client sent (for metrics)
+    max_tokens: int | None               # None: as many as the context leaves
+    options: dict                        # more keywords of Engine.submit
+    stream: bool
+    loop: asyncio.AbstractEventLoop
+    accepted: asyncio.Future = field(init=False)
+    done: asyncio.Future = field(init=False)
+    events: asyncio.Queue = field(init=False)
+    arrived: float = field(default_factory=time.monotonic)
+    request: Request | None = None
+    last_token: float | None = None
+
+    def __post_init__(self) -> None:
+        self.accepted, self.done = self.loop.create_future(), self.loop.create_future()
+        self.events = asyncio.Queue()
+
+
+def _settle(future: asyncio.Future, value: Any) -> None:
+    """On the event loop: resolve ``future`` with ``value`` (an exception is raised from it)."""
+    if future.done():
+        return
+    if isinstance(value, BaseException):
+        future.set_exception(value)
+    else:
+        future.set_result(value)
+
+
+class EngineLoop:
+    """Runs ``engine`` on a thread of its own (see the module's docstring). At most ``max_pending``
+    jobs are accepted and not yet ended (running and waiting); one more is refused with a 503."""
+
+    def __init__(self, engine: Engine, metrics: ServerMetrics, *, max_pending: int) -> None:
+        self.engine, self.metrics, self.max_pending = engine, metrics, max_pending
+        self.adapters: tuple[str, ...] = tuple(engine.adapters)  # replaced (never changed) by the engine thread
+        self.stopping = False
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._jobs: dict[int, Job] = {}           # request id -> job; the engine thread's
+        self._pending = 0                         # accepted by a handler, not ended yet
+        self._lock = threading.Lock()             # guards _pending and stopping
+        self._in_slots = self._slotted()
+        self._thread = threading.Thread(target=self._run, name="lorakit-engine", daemon=True)
+        metrics.adapters.set(len(self.adapters))
+
+    # --- from the event loop -----------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self.stopping
+
+    def submit(self, job: Job) -> None:
+        with self._lock:
+            if self.stopping:
+                raise ApiError(503, "the server is shutting down; send the request to another server",
+                               headers={"Retry-After": "5"})
+            if self._pending >= self.max_pending:
+                raise ApiError(503, f"the server is busy: {self._pending} requests are running or waiting, its "
+                                    f"limit (--max-queue plus --max-batch); try again shortly",
+                               code="server_overloaded", headers={"Retry-After": "1"})
+            self._pending += 1
+        self._inbox.put(("submit", job))
+
+    def cancel(self, job: Job) -> None:
+        """End ``job`` now (its client left); a job that has ended already is left alone."""
+        self._inbox.put(("cancel", job))
+
+    async def call(self, fn: Callable[[Engine], Any]) -> Any:
+        """``fn(engine)`` on the engine thread, between steps: its result, or its exception raised here."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._inbox.put(("call", (fn, future, loop)))
+        return await future
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Cancel every job (their clients get a 503 or an error event) and end the thread."""
+        with self._lock:
+            self.stopping = True
+        self._inbox.put(("stop", None))
+        self._thread.join(timeout)
+
+    # --- the engine thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        engine = self.engine
+        while True:
+            busy = bool(engine.running or engine.waiting)
+            try:
+                command = self._inbox.get(block=not busy)
+            except queue.Empty:
+                command = None
+            while command is not None:  # every command that came in, then one step
+                kind, item = command
+                if kind == "stop":
+                    self._cancel_all("the server shut down before this request finished")
+                    return
+                getattr(self, f"_{kind}")(item)
+                try:
+                    command = self._inbox.get_nowait()
+                except queue.Empty:
+                    command = None
+            if engine.running or engine.waiting:
+                self._step()
+
+    def _submit(self, job: Job) -> None:
+        try:
+            ids = job.encode(self.engine.tokenizer)
+            max_new = self._room(len(ids), job.max_tokens)
+            request = self.engine.submit(ids, job.adapter, max_new_tokens=max_new, **job.options)
+        except Exception as e:  # noqa: BLE001 - every refusal goes back to its client
+            self._refuse(job, e)
+            return
+        job.request = request
+        self._jobs[request.id] = job
+        self.metrics.prompt_tokens.labels(job.label).inc(len(ids))
+        self.metrics.queue_depth.set(len(self.engine.waiting))
+        self._send(job.accepted, len(ids))
+
+    def _room(self, n_prompt: int, max_tokens: int | None) -> int:
+        """max_new_tokens for a prompt of ``n_prompt`` tokens; 400 when it cannot fit the context."""
+        limit = self.engine.max_seq_len  # the last new token is never fed back: n + max_tokens - 1 positions
+        if n_prompt > limit:
+            raise ApiError(400, f"the prompt has {n_prompt} tokens, over the server's context of {limit} tokens "
+                                f"(--max-seq-len): shorten it", param="prompt", code="context_length_exceeded")
+        if max_tokens is None:
+            return limit - n_prompt + 1
+        if n_prompt + max_tokens - 1 > limit:
+            raise ApiError(400, f"the prompt has {n_prompt} tokens; with max_tokens={max_tokens} it needs "
+                                f"{n_prompt + max_tokens - 1} positions, over the server's context of {limit} "
+                                f"(--max-seq-len): lower max_tokens to {limit - n_prompt + 1} or less, or shorten the "
+                                f"prompt", param="max_tokens", code="context_length_exceeded")
+        return max_tokens
+
+    def _refuse(self, job: Job, error: Exception) -> None:
+        if not isinstance(error, ApiError):
+            if isinstance(error, KeyError):  # its adapter was unloaded after the handler looked
+                error = ApiError(404, f"the model {job.label!r} does not exist (any more); GET /v1/models lists "
+                                      f"what this server has", param="model", code="model_not_found")
+            elif isinstance(error, (ValueError, TypeError)):
+                error = ApiError(400, str(error))
+            else:
+                logger.exception("refusing a request after an unexpected error")
+                error = ApiError(500, f"the server failed to start this request ({type(error).__name__}); "
+                                      f"see the server's log")
+        with self._lock:
+            self._pending -= 1
+        self._send(job.accepted, error)
+
+    def _cancel(self, job: Job) -> None:
+        request = job.request
+        if request is None or self._jobs.get(request.id) is not job:
+            return  # refused, or ended already
+        self.engine.cancel(request)
+        self._end(job, Finished(request.text, len(request.tokens), "cancelled"))
+
+    def _call(self, item) -> None:
+        fn, future, loop = item
+        try:
+            result = fn(self.engine)
+        except Exception as e:  # noqa: BLE001 - the caller decides what it means
+            result = e
+        self.adapters = tuple(self.engine.adapters)
+        self.metrics.adapters.set(len(self.adapters))
+        self._in_slots = self._slotted()
+        try:
+            loop.call_soon_threadsafe(_settle, future, result)
+        except RuntimeError:  # the event loop is closed: nobody waits any more
+            pass
+
+    def _step(self) -> None:
+        try:
+            events = self.engine.step()
+        except Exception:  # a bug, or out of memory: end the requests the engine held, keep serving
+            logger.exception("an engine step failed; its requests are cancelled")
+            self._cancel_all("the engine failed while generating this request; see the server's log", status=500)
+            return
+        now = time.monotonic()
+        for event in events:
+            job = self._jobs.get(event.request_id)
+            if job is not None:
+                self._record(job, event, now)
+        self.metrics.queue_depth.set(len(self.engine.waiting))
+        self.metrics.running.set(len(self.engine.running))
+        self._count_evictions()
+
+    def _record(self, job: Job, event: Event, now: float) -> None:
+        if event.tokens:
+            if job.last_token is None:
+                self.metrics.ttft.labels(job.label).observe(now - job.arrived)
+            else:
+                self.metrics.inter_token.labels(job.label).observe(now - job.last_token)
+            job.last_token = now
+            self.metrics.generation_tokens.labels(job.label).inc(len(event.tokens))
+        if job.stream:
+            self._put(job, event)
+        if event.finished:
+            request = job.request
+            self._end(job, Finished(request.text, len(request.tokens), event.finish_reason))
+
+    def _end(self, job: Job, result: Finished | ApiError) -> None:
+        del self._jobs[job.request.id]
+        with self._lock:
+            self._pending -= 1
+        reason = result.finish_reason if isinstance(result, Finished) else "cancelled"
+        self.metrics.requests.labels(job.label, reason).inc()
+        if job.stream and isinstance(result, ApiError):
+            self._put(job, result)
+        self._send(job.done, result)
+
+    def _cancel_all(self, message: str, status: int = 503) -> None:
+        for job in list(self._jobs.values()):
+            try:
+                self.engine.cancel(job.request)
+            except Exception:  # noqa: BLE001 - after a failed step the engine's lists may be off; end the job anyway
+                logger.exception("cancelling request %s failed", job.request.id)
+            self._end(job, ApiError(status, message))
+        self.engine.waiting.clear()  # what a failed step may have left behind; every one of them is ended above
+        self.engine.running.clear()
+
+    def _slotted(self) -> set[str]:
+        return {name for name, entry in self.engine.bank.entries.items() if entry.slot is not None}
+
+    def _count_evictions(self) -> None:
+        now = self._slotted()
+        evicted = len((self._in_slots - now) & set(self.engine.bank.entries))
+        if evicted:
+            self.metrics.adapter_evictions.inc(evicted)
+        self._in_slots = now
+
+    def _send(self, future: asyncio.Future, value: Any) -> None:
+        try:
+            future.get_loop().call_soon_threadsafe(_settle, future, value)
+        except RuntimeError:
+            pass
+
+    def _put(self, job: Job, item: Event | ApiError) -> None:
+        try:
+            job.loop.call_soon_threadsafe(job.events.put_nowait, item)
+        except RuntimeError:
+            pass
