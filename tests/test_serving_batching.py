@@ -245,6 +245,16 @@ def test_incremental_text_is_the_full_decoding_cut_before_the_stop(stops: list[s
     assert tok.decoded < 8 * pushed  # a few tokens per step, not the whole output each time (~n²/2)
 
 
+def test_incremental_text_keeps_the_space_after_a_skipped_special_token() -> None:
+    """A word-level tokenizer (no decoder: decode joins tokens with spaces) with a special token
+    inside the output: the streamed text is the full decoding, space included."""
+    tok = word_tokenizer()
+    ids = tok.convert_tokens_to_ids(["w79", "<s>", "w43", "<|im_start|>", "<pad>", "w5", "w6"])
+    text = IncrementalText(tok, [])
+    parts = [text.push(t) for t in ids] + [text.finish()]
+    assert "".join(parts) == tok.decode(ids, skip_special_tokens=True) == "w79 w43 w5 w6"
+
+
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
 def test_edges_one_token_requests_eos_at_prefill_and_both_attention_kinds(attention: str) -> None:
     model = tiny_llama()

@@ -58,6 +58,10 @@ class IncrementalText:
         head = self._decode(self.tokens[self.context:self.released])
         self.decoded += window[len(head):]
         self.context, self.released = self.released, len(self.tokens)
+        # a context that renders nothing (a skipped special token) loses the next word's leading
+        # separator: reach back to a token that renders something (a few at most)
+        while self.context > max(self.released - 8, 0) and not self._decode(self.tokens[self.context:self.released]):
+            self.context -= 1
 
     def _release(self) -> str:
         # a stop string starts in the held-back tail or the new text: the released text has none, and
