@@ -117,6 +117,29 @@ def expected(reference: Engine, ids: list[int], adapter: str | None, **kw) -> tu
 
 # --- answers equal the engine's ------------------------------------------------------------------
 
+@pytest.mark.parametrize("adapter", [None, "qv"], ids=["base", "qv"])
+def test_completion_logprobs_are_the_engines_streamed_or_not(server, reference, adapter) -> None:
+    tok, client, model = reference.tokenizer, server.client(), adapter or "base"
+    ids = encode_prompt(TEXTS[1], tok)
+    request = reference.submit(ids, adapter, max_new_tokens=NEW, logprobs=2)
+    for _ in reference.stream(request):
+        pass
+    got = client.completions.create(model=model, prompt=TEXTS[1], max_tokens=NEW, temperature=0, logprobs=2)
+    lp = got.choices[0].logprobs
+    assert lp.tokens == [tok.decode([t]) for t in request.tokens]
+    assert lp.token_logprobs == pytest.approx([x.logprob for x in request.logprobs], abs=1e-5)
+    assert [list(top) for top in lp.top_logprobs] == [[tok.decode([t]) for t, _ in x.top] for x in request.logprobs]
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    chunks = list(client.completions.create(model=model, prompt=TEXTS[1], max_tokens=NEW, temperature=0,
+                                            logprobs=2, stream=True))
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert sum((s.tokens for s in streamed), []) == lp.tokens
+    assert sum((s.token_logprobs for s in streamed), []) == pytest.approx(lp.token_logprobs, abs=1e-6)
+    assert sum((s.text_offset for s in streamed), []) == lp.text_offset
+    plain = client.completions.create(model=model, prompt=TEXTS[1], max_tokens=NEW, temperature=0)
+    assert plain.choices[0].logprobs is None and plain.choices[0].text == got.choices[0].text
+
+
 def test_models_lists_the_base_and_every_adapter(server) -> None:
     models = server.client().models.list()
     assert [m.id for m in models.data] == ["base", "qv", "all"]
@@ -234,7 +257,9 @@ ERRORS = [  # (path, body (bytes: sent as is), status, param)
     ("/v1/completions", _body(stream="yes"), 400, "stream"),
     ("/v1/completions", _body(stream_options={"include_usage": True}), 400, "stream_options"),
     ("/v1/completions", _body(n=2), 400, "n"),
-    ("/v1/completions", _body(logprobs=1), 400, "logprobs"),
+    ("/v1/completions", _body(logprobs=21), 400, "logprobs"),
+    ("/v1/completions", _body(logprobs=-1), 400, "logprobs"),
+    ("/v1/completions", _body(logprobs="2"), 400, "logprobs"),
     ("/v1/completions", _body(echo=True), 400, "echo"),
     ("/v1/completions", _body(presence_penalty=0.5), 400, "presence_penalty"),
     ("/v1/chat/completions", {"model": "base"}, 400, "messages"),
@@ -273,8 +298,6 @@ def test_body_limits_method_and_the_client_library_errors(server) -> None:
     assert wrong.status_code == 405 and set(wrong.json()["error"]) == ERROR_KEYS
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         server.client().completions.create(model="nope", prompt="w1", max_tokens=2)
-    with pytest.raises(openai.BadRequestError, match="not supported"):
-        server.client().completions.create(model="base", prompt="w1", max_tokens=2, logprobs=2)
 
 
 def test_api_key_guards_every_v1_route(adapter_paths) -> None:

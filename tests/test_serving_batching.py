@@ -6,6 +6,7 @@ transformers greedy); the KV cache is allocated once; streamed tokens and text a
 from __future__ import annotations
 
 import pytest
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -315,3 +316,30 @@ def test_prefill_asks_only_for_an_int_logits_to_keep(paths, references, monkeypa
     assert seen[0] == 11  # the last 11 positions: from the 1-token prompt's last token on
     for prompt, adapter, out in zip(prompts, ["qv", None, "qv"], outs):
         assert out == greedy(references[adapter], prompt)
+
+
+def test_logprobs_are_the_models_log_softmax_of_each_chosen_token(paths, references) -> None:
+    """With logprobs=k every new token comes with log_softmax(logits)[token] and the k most likely
+    tokens, as PEFT + transformers compute them for the same prefix (greedy: the chosen token is the
+    top one); requests without logprobs report none."""
+    engine = engine_with(paths, names=("qv",), max_batch=3)
+    a = engine.submit(PROMPTS[1], "qv", max_new_tokens=5, ignore_eos=True, logprobs=3)
+    b = engine.submit(PROMPTS[0], None, max_new_tokens=5, ignore_eos=True)
+    c = engine.submit(PROMPTS[3], None, max_new_tokens=4, ignore_eos=True, logprobs=0)
+    events = list(engine.run_until_done())
+    assert not b.logprobs and all(not e.logprobs for e in events if e.request_id == b.id)
+    assert [lp.token for lp in a.logprobs] == a.tokens and len(c.logprobs) == len(c.tokens) == 4
+    assert all(lp.top == [] for lp in c.logprobs)
+    for request in (a, c):
+        model = references[request.adapter]
+        for n, lp in enumerate(request.logprobs):
+            with torch.no_grad():
+                logits = model(torch.tensor([request.prompt + request.tokens[:n]])).logits[0, -1].double()
+            want = logits.log_softmax(-1)
+            assert abs(lp.logprob - want[lp.token].item()) < 1e-4
+            if request.top_logprobs:
+                ids = want.topk(request.top_logprobs).indices.tolist()
+                assert [t for t, _ in lp.top] == ids and lp.top[0][0] == lp.token
+                assert all(abs(v - want[t].item()) < 1e-4 for t, v in lp.top)
+    with pytest.raises(ValueError, match="logprobs must be an integer from 0 to 20"):
+        engine.submit(PROMPTS[0], None, logprobs=21)

@@ -52,7 +52,7 @@ from .kv_cache import CacheWindow, SlotCache
 from .layers import SlotRoute, install, uninstall, wrapped
 from .merging import MergedWeights
 from .reader import structure_copy
-from .request import Event, Request, prompt_kind, seeds_for, stop_strings
+from .request import MAX_TOP_LOGPROBS, Event, Request, TokenLogprob, prompt_kind, seeds_for, stop_strings
 from .sampling import SamplingParams, next_tokens
 from .text import IncrementalText
 
@@ -169,13 +169,21 @@ class Engine:
 
     def submit(self, prompt: Prompt, adapter: str | None = None, *, max_new_tokens: int = 64,
                temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-               stop: str | Sequence[str] | None = None, ignore_eos: bool = False) -> Request:
+               stop: str | Sequence[str] | None = None, ignore_eos: bool = False,
+               logprobs: int | None = None) -> Request:
         """Queue one prompt (a string, or token ids) for ``adapter`` (None: the base model) and
         return its handle; the arguments mean what they mean in `generate`. It runs from the next
-        `step` on that has room for it; read its tokens from `stream`, or from the events of `step`."""
+        `step` on that has room for it; read its tokens from `stream`, or from the events of `step`.
+        ``logprobs=k`` (0 to 20) gives every new token's log-probability and the k most likely
+        tokens' (`request.TokenLogprob`, in each event and in ``request.logprobs``)."""
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
+                                     or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
+            raise ValueError(f"logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS} (the top tokens to report "
+                             f"beside each new one) or None, got {logprobs!r}")
         text_in = prompt_kind([prompt])
         ids = self._encode(prompt) if text_in else [int(t) for t in prompt]
         (request,) = self._requests([ids], [adapter], max_new_tokens, temperature, top_p, [seed], stop, ignore_eos)
+        request.top_logprobs = logprobs
         self.waiting.append(request)
         return request
 
@@ -308,14 +316,19 @@ class Engine:
         """Give each request its next token (from its row of logits (n, V)); its event."""
         eos = self._eos_ids()
         events = []
-        for request, token in zip(requests, next_tokens(logits, [r.params for r in requests],
-                                                        [r.generator for r in requests]).tolist()):
-            text, detok = "", request.detokenizer
+        chosen = next_tokens(logits, [r.params for r in requests], [r.generator for r in requests])
+        chosen_ids = chosen.tolist()
+        scored = _logprobs(logits, chosen, chosen_ids, requests)
+        for request, token in zip(requests, chosen_ids):
+            text, detok, scores = "", request.detokenizer, []
             if token in eos and not request.ignore_eos:
                 request.finish_reason, tokens = "stop", []
             else:
                 request.tokens.append(token)
                 tokens = [token]
+                if request in scored:
+                    scores = [scored[request]]
+                    request.logprobs.append(scored[request])
                 text = detok.push(token) if detok is not None else ""
                 if detok is not None and detok.stopped:
                     request.finish_reason = "stop"
@@ -323,7 +336,7 @@ class Engine:
                     request.finish_reason = "length"
             if request.finished and detok is not None:
                 text += detok.finish()
-            events.append(Event(request.id, tokens, text, request.finish_reason))
+            events.append(Event(request.id, tokens, text, request.finish_reason, scores))
         return events
 
     def _decode_forward(self, requests: list[Request]) -> torch.Tensor:
@@ -464,6 +477,27 @@ class Engine:
                 f"max_seq_len={self.max_seq_len}, max_adapters={self.bank.max_adapters}, "
                 f"max_rank={self.bank.max_rank}, "
                 f"running={len(self.running)}, waiting={len(self.waiting)})")
+
+
+def _logprobs(logits: torch.Tensor, chosen: torch.Tensor, chosen_ids: list[int],
+              requests: list[Request]) -> dict[Request, TokenLogprob]:
+    """The chosen tokens' log-probabilities (and the top k) for the requests that asked: one
+    log-softmax over their rows, in float32, and one copy to the host."""
+    rows = [i for i, r in enumerate(requests) if r.top_logprobs is not None]
+    if not rows:
+        return {}
+    index = torch.tensor(rows, device=logits.device)
+    scores = logits.index_select(0, index).float().log_softmax(-1)                  # (k, V)
+    mine = scores.gather(1, chosen.index_select(0, index)[:, None])[:, 0].tolist()
+    k = max(requests[i].top_logprobs for i in rows)
+    top = scores.topk(k, dim=-1) if k else None
+    top_values, top_ids = (top.values.tolist(), top.indices.tolist()) if top is not None else ([], [])
+    out = {}
+    for j, i in enumerate(rows):
+        r = requests[i]
+        best = list(zip(top_ids[j][:r.top_logprobs], top_values[j][:r.top_logprobs])) if k else []
+        out[r] = TokenLogprob(chosen_ids[i], mine[j], best)
+    return out
 
 
 def _check_plain(model: nn.Module) -> None:

@@ -16,16 +16,31 @@ _ids = itertools.count()
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A new token's log-probability under the model (log-softmax of its raw logits: before
+    temperature and top-p), and the ``top`` most likely tokens with theirs, most likely first."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
 class Event:
     """What one step made for one request: ``tokens``, its new ids (one per step; none when EOS
     ended it), ``text``, the text this step released ("" without a tokenizer, and while a character
     split over tokens or a possible stop string is pending), and ``finish_reason`` once it is over
-    ("stop": EOS or a stop string; "length": max_new_tokens; "cancelled")."""
+    ("stop": EOS or a stop string; "length": max_new_tokens; "cancelled"). ``logprobs``: one
+    `TokenLogprob` per new token, for a request submitted with ``logprobs``; else empty."""
 
     request_id: int
     tokens: list[int]
     text: str = ""
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -44,8 +59,10 @@ class Request:
     max_new_tokens: int
     ignore_eos: bool
     detokenizer: IncrementalText | None  # None without a tokenizer
+    top_logprobs: int | None = None     # None: no log-probabilities; k: the token's and the top k
     id: int = field(default_factory=lambda: next(_ids))
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, with top_logprobs set
     finish_reason: str | None = None
     # where it runs: its KV-cache slot (-1 while waiting or done) and its adapter's bank slot
     row: int = -1

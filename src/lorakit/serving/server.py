@@ -39,7 +39,8 @@ from starlette.routing import Route
 
 from ..data import encode_prompt
 from .engine import Engine
-from .server_api import (DONE, ApiError, Generation, chunk_body, parse_chat, parse_completion, read_json,
+from .server_api import (DONE, ApiError, Generation, chunk_body, completion_logprobs, parse_chat, parse_completion,
+                         read_json,
                          response_body, sse, string, usage)
 from .server_loop import EngineLoop, Job
 from .server_metrics import ServerMetrics
@@ -195,10 +196,10 @@ class Server:
         if result.finish_reason == "cancelled":
             raise ApiError(503, "the request was cancelled before it finished", headers={"Retry-After": "1"})
         return JSONResponse(response_body(g, result.text, result.finish_reason,
-                                          usage(prompt_tokens, result.completion_tokens)))
+                                          usage(prompt_tokens, result.completion_tokens), result.logprobs))
 
     async def _stream(self, g: Generation, job: Job, prompt_tokens: int) -> AsyncIterator[bytes]:
-        ended, tokens = False, 0
+        ended, tokens, offset = False, 0, 0
         try:
             if g.chat:
                 yield sse(chunk_body(g, "", role=True))
@@ -208,14 +209,18 @@ class Server:
                     ended = True
                     yield sse(item.body())
                     break
+                item, pieces = item
                 tokens += len(item.tokens)
                 ended = item.finished
                 reason = item.finish_reason
                 if reason == "cancelled":
                     yield sse(ApiError(503, "the request was cancelled before it finished").body())
                     break
-                if item.text or ended:
-                    yield sse(chunk_body(g, item.text, reason, usage(prompt_tokens, tokens) if ended else None))
+                if item.text or ended or pieces:
+                    scores = completion_logprobs(pieces, offset) if g.logprobs is not None else None
+                    offset += sum(len(p["token"]) for p in pieces)
+                    yield sse(chunk_body(g, item.text, reason, usage(prompt_tokens, tokens) if ended else None,
+                                         logprobs=scores))
             if g.include_usage:
                 yield sse(chunk_body(g, None, used=usage(prompt_tokens, tokens)))
             yield DONE

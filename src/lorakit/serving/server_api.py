@@ -11,11 +11,13 @@ import json
 import math
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse
+
+from .request import MAX_TOP_LOGPROBS
 
 # OpenAI's error types, by status
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
@@ -161,13 +163,14 @@ class Generation:
     include_usage: bool
     ignore_eos: bool
     chat: bool
+    logprobs: int | None = None  # completions: the chosen token's log-probability and the top k
     id: str = field(default="")
     created: int = field(default_factory=lambda: int(time.time()))
 
     def engine_options(self) -> dict:
         """The keywords of `Engine.submit` (all but the prompt, the adapter and max_new_tokens)."""
         return dict(temperature=self.temperature, top_p=self.top_p, seed=self.seed, stop=self.stop or None,
-                    ignore_eos=self.ignore_eos)
+                    ignore_eos=self.ignore_eos, logprobs=self.logprobs)
 
 
 def _common(body: dict, *, chat: bool, prompt: Any, max_tokens: int | None) -> Generation:
@@ -194,16 +197,18 @@ def parse_completion(body: dict) -> Generation:
     """A /v1/completions body; ``prompt`` is one string or one list of token ids."""
     _refuse_unsupported(body, ("n", "best_of", "echo", "suffix", "frequency_penalty", "presence_penalty",
                                "logit_bias"))
-    if body.get("logprobs") is not None:
-        raise ApiError(400, "logprobs is not supported by lorakit serve yet (the engine does not keep the "
-                            "tokens' log-probabilities); leave it out", param="logprobs", code="unsupported_parameter")
+    logprobs = _integer(body, "logprobs", None, minimum=0)
+    if logprobs is not None and logprobs > MAX_TOP_LOGPROBS:
+        raise ApiError(400, f"logprobs must be at most {MAX_TOP_LOGPROBS} (the most likely tokens reported beside "
+                            f"each new one), got {logprobs}", param="logprobs")
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and (isinstance(prompt[0], str) or _token_ids(prompt[0])):
         prompt = prompt[0]  # a batch of one
     if not (isinstance(prompt, str) or (_token_ids(prompt) and prompt)):
         raise ApiError(400, f"prompt must be one string or one non-empty list of token ids (one prompt per request; "
                             f"send several requests for several prompts), got {_shown(prompt)}", param="prompt")
-    return _common(body, chat=False, prompt=prompt, max_tokens=_integer(body, "max_tokens", 16, minimum=1))
+    return replace(_common(body, chat=False, prompt=prompt, max_tokens=_integer(body, "max_tokens", 16, minimum=1)),
+                   logprobs=logprobs)
 
 
 _ROLES = ("system", "developer", "user", "assistant")
@@ -249,18 +254,30 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def response_body(g: Generation, text: str, finish_reason: str, used: dict) -> dict:
+def completion_logprobs(pieces: list[dict], offset: int = 0) -> dict:
+    """OpenAI's completions ``logprobs`` object for ``pieces`` (token text, logprob, top), the
+    first token at character ``offset`` of the completion (offsets add up the tokens' texts)."""
+    offsets = []
+    for piece in pieces:
+        offsets.append(offset)
+        offset += len(piece["token"])
+    return {"tokens": [p["token"] for p in pieces], "token_logprobs": [p["logprob"] for p in pieces],
+            "top_logprobs": [p["top"] for p in pieces], "text_offset": offsets}
+
+
+def response_body(g: Generation, text: str, finish_reason: str, used: dict, pieces: list[dict] | None = None) -> dict:
     if g.chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                   "finish_reason": finish_reason}
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "text": text, "finish_reason": finish_reason,
+                  "logprobs": completion_logprobs(pieces or []) if g.logprobs is not None else None}
     return {"id": g.id, "object": "chat.completion" if g.chat else "text_completion", "created": g.created,
             "model": g.model, "choices": [choice], "usage": used}
 
 
 def chunk_body(g: Generation, text: str | None, finish_reason: str | None = None, used: dict | None = None,
-               *, role: bool = False) -> dict:
+               *, role: bool = False, logprobs: dict | None = None) -> dict:
     """One stream chunk; ``text`` None: a chunk without choices (the usage chunk of include_usage)."""
     choices = []
     if text is not None:
@@ -268,7 +285,7 @@ def chunk_body(g: Generation, text: str | None, finish_reason: str | None = None
             delta = {"role": "assistant", "content": text} if role else {"content": text}
             choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
         else:
-            choices = [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]
+            choices = [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]
     body = {"id": g.id, "object": "chat.completion.chunk" if g.chat else "text_completion", "created": g.created,
             "model": g.model, "choices": choices}
     if used is not None:

@@ -36,6 +36,7 @@ class Finished:
     text: str
     completion_tokens: int
     finish_reason: str
+    logprobs: list[dict] = field(default_factory=list)  # `EngineLoop.pieces` of every token, if asked
 
 
 @dataclass(eq=False)
@@ -240,10 +241,19 @@ class EngineLoop:
             job.last_token = now
             self.metrics.generation_tokens.labels(job.label).inc(len(event.tokens))
         if job.stream:
-            self._put(job, event)
+            self._put(job, (event, self.pieces(event.logprobs)))
         if event.finished:
             request = job.request
-            self._end(job, Finished(request.text, len(request.tokens), event.finish_reason))
+            self._end(job, Finished(request.text, len(request.tokens), event.finish_reason,
+                                    self.pieces(request.logprobs)))
+
+    def pieces(self, logprobs: list) -> list[dict]:
+        """`request.TokenLogprob`s with their tokens as text (decoded here: the tokenizer is this
+        thread's): {"token", "logprob", "top": {text: logprob}}."""
+        tok = self.engine.tokenizer
+        text = (lambda t: tok.decode([t])) if tok is not None else str
+        return [{"token": text(lp.token), "logprob": lp.logprob, "top": {text(t): v for t, v in lp.top}}
+                for lp in logprobs]
 
     def _end(self, job: Job, result: Finished | ApiError) -> None:
         del self._jobs[job.request.id]
