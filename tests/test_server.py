@@ -8,6 +8,7 @@ process; each fixture stops its server in its teardown."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import contextlib
 import shutil
 import socket
@@ -17,6 +18,7 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -466,9 +468,20 @@ def test_an_engine_failure_is_a_500_and_the_server_goes_on() -> None:
         assert running.http.get("/health").status_code == 200
 
 
-def test_concurrent_clients_over_mixed_adapters_while_adapters_change(adapter_paths, reference, tmp_path) -> None:
-    """48 requests from 12 clients (base, qv, all; some streams dropped) while an adapter is loaded
-    and unloaded: every finished answer is its answer alone, none is lost, the server stays healthy."""
+def _live_tensors() -> int:
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+
+@pytest.mark.parametrize("requests, clients", [(48, 12), (200, 32)],
+                         ids=["48x12", "200x32"])
+def test_concurrent_clients_over_mixed_adapters_while_adapters_change(adapter_paths, reference, tmp_path,
+                                                                     requests, clients) -> None:
+    """``requests`` requests from ``clients`` concurrent clients (base, qv, all; every fifth stream
+    dropped after its first chunk) while an adapter is loaded and unloaded: every finished answer is
+    its answer alone, none is lost or duplicated, the server stays healthy, and afterwards nothing
+    is left behind (no request in the engine, every request counted ended, as many live tensors
+    as before)."""
     root = tmp_path / "adapters"
     shutil.copytree(adapter_paths["all"], root / "extra")
     engine = new_engine(max_batch=6, max_adapters=2)
@@ -478,26 +491,25 @@ def test_concurrent_clients_over_mixed_adapters_while_adapters_change(adapter_pa
     alone = {(m, t): expected(reference, encode_prompt(t, tok), None if m == "base" else m)[0]
              for m in ("base", "qv", "all") for t in TEXTS}
 
-    async def main(running: Running) -> tuple[list, int]:
-        aclient = openai.AsyncOpenAI(base_url=running.url + "/v1", api_key="none", max_retries=0, timeout=20)
-        async with httpx.AsyncClient(base_url=running.url, timeout=20) as http:
-            results, dropped = [], 0
+    async def main(running: Running) -> tuple[list, list]:
+        aclient = openai.AsyncOpenAI(base_url=running.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        async with httpx.AsyncClient(base_url=running.url, timeout=60) as http:
+            results, dropped = [], []
 
             async def worker(w: int) -> None:
-                nonlocal dropped
-                for i in range(4):
-                    model, text = ("base", "qv", "all")[(w + i) % 3], TEXTS[(w * 4 + i) % len(TEXTS)]
-                    if (w + i) % 5 == 0:  # open a stream and leave after its first chunk
+                for i in range(w, requests, clients):
+                    model, text = ("base", "qv", "all")[i % 3], TEXTS[(i // 3) % len(TEXTS)]
+                    if i % 5 == 0:  # open a stream and leave after its first chunk
                         stream = await aclient.completions.create(model=model, prompt=text, max_tokens=NEW,
                                                                   temperature=0, stream=True)
                         async for _ in stream:
                             break
                         await stream.close()
-                        dropped += 1
+                        dropped.append(i)
                     else:
                         got = await aclient.completions.create(model=model, prompt=text, max_tokens=NEW,
-                                                               temperature=0)
-                        results.append(((model, text), got.choices[0].text))
+                                                               temperature=0, user=str(i))
+                        results.append((i, (model, text), got.choices[0].text))
 
             async def churn() -> None:
                 for _ in range(3):
@@ -505,18 +517,24 @@ def test_concurrent_clients_over_mixed_adapters_while_adapters_change(adapter_pa
                                                                           "lora_path": "extra"})).status_code == 200
                     assert (await http.get("/health")).status_code == 200
                     assert (await http.post("/v1/unload_lora_adapter", json={"lora_name": "extra"})).status_code == 200
-            await asyncio.gather(churn(), *(worker(w) for w in range(12)))
+            await asyncio.gather(churn(), *(worker(w) for w in range(clients)))
         await aclient.close()
         return results, dropped
 
     with serving(engine, adapter_dir=root) as running:
+        warm = running.client().completions.create(model="qv", prompt=TEXTS[0], max_tokens=NEW, temperature=0)
+        assert warm.choices[0].text == alone[("qv", TEXTS[0])]
+        _wait(lambda: not engine.running and not engine.waiting)
+        before = _live_tensors()
         results, dropped = asyncio.run(main(running))
-        assert len(results) + dropped == 48
-        assert all(text == alone[key] for key, text in results)
+        done = sorted([i for i, _, _ in results] + dropped)
+        assert done == list(range(requests))  # none lost, none twice
+        assert all(text == alone[key] for _, key, text in results)
         _wait(lambda: not engine.running and not engine.waiting)
         ended = sum(running.metric("lorakit_requests_total", finish_reason=r) for r in ("stop", "length", "cancelled"))
-        assert ended == 48 and running.http.get("/health").status_code == 200
+        assert ended == requests + 1 and running.http.get("/health").status_code == 200
         assert engine.adapters == ["qv", "all"]
+        assert _live_tensors() <= before  # nothing kept per request
 
 
 def test_the_page_is_served() -> None:
