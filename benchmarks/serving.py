@@ -32,7 +32,9 @@ default is one thread (``--threads``): on a small, busy machine more threads tha
 the tiny shape's smoke run about 200× slower (4 s against 0.02 s) and its ratios noise.
 
 On CUDA the token checks compare bf16 greedy decodes, which flip on near-ties of a random model
-once batch shapes differ: read them as agreement counts, not pass or fail (see docs/serving.md).
+once batch shapes differ: read them as agreement counts. ``logprob_max_abs_diff_vs_transformers``
+is the check that holds there: the engine's log-probability of each token it chose (a batch of the
+check requests) against transformers' log-softmax of the same prefix run alone.
 
 ``--sweep-adapters 1,2,4,8,16,32`` times the engine with k distinct adapters in the batch and plots
 throughput against k (``<out>.adapters.png``).
@@ -589,7 +591,33 @@ def check(bench: Run, model, prompts, mixed, args) -> None:
     if mix is not None and base is not None:  # adapters that change nothing would make the mixed rows meaningless
         c["mixed_differs_from_base_requests"] = f"{sum(a != b for a, b in zip(mix['tokens'], base['tokens']))}" \
                                                 f"/{args.requests}"
+    if any(bench.ok(r) for r in ("engine_base", "engine_mixed", "engine_merged")):
+        c.update(logprob_check(model, prompts, args))
     print("checks: " + json.dumps(c), file=sys.stderr)
+
+
+def logprob_check(model, prompts, args, new: int = 4) -> dict:
+    """The numbers behind the tokens: the engine's log-probability of each token it chose (the
+    check requests in one batch, base model) against transformers' log-softmax for the same prefix
+    run alone. On a GPU in bf16 greedy tokens can flip on near-ties while these stay close."""
+    from lorakit.serving import Engine
+
+    batch = [list(p) for p in prompts[:args.check_requests]]
+    engine = Engine(model, None, max_batch=len(batch), max_seq_len=args.prompt_len + new)
+    try:
+        requests = [engine.submit(p, None, max_new_tokens=new, ignore_eos=True, logprobs=0) for p in batch]
+        for _ in engine.run_until_done():
+            pass
+    finally:
+        engine.close()
+    worst = 0.0
+    with torch.inference_mode():
+        for request in requests:
+            for n, lp in enumerate(request.logprobs):
+                ids = torch.tensor([request.prompt + request.tokens[:n]], device=args.device)
+                want = model(input_ids=ids).logits[0, -1].float().log_softmax(-1)[lp.token].item()
+                worst = max(worst, abs(want - lp.logprob))
+    return {"logprob_max_abs_diff_vs_transformers": worst, "logprob_checked_tokens": sum(len(r.logprobs) for r in requests)}
 
 
 def print_table(bench: Run) -> None:
