@@ -555,3 +555,30 @@ def test_a_served_name_that_is_an_adapter_is_refused(adapter_paths, tmp_path) ->
         assert [m.id for m in running.client().models.list().data] == ["tiny", "qv"]
         assert running.http.post("/v1/completions", json=_body(model="tiny", max_tokens=2)).status_code == 200
         assert running.http.post("/v1/completions", json=_body(max_tokens=2)).status_code == 404
+
+
+def test_adapter_files_are_read_while_generation_goes_on(adapter_paths, tmp_path) -> None:
+    """/v1/load_lora_adapter reads and checks the files off the engine's thread: a request sent
+    while a (slowed) read is under way finishes before the read does."""
+    root = tmp_path / "adapters"
+    shutil.copytree(adapter_paths["qv"], root / "extra")
+    engine, statuses = new_engine(), []
+    read = engine.read_adapter
+
+    def slow_read(path):
+        time.sleep(1.5)
+        return read(path)
+
+    engine.read_adapter = slow_read
+    with serving(engine, adapter_dir=root) as running:
+        loader = threading.Thread(target=lambda: statuses.append(running.http.post(
+            "/v1/load_lora_adapter", json={"lora_name": "extra", "lora_path": "extra"}).status_code))
+        loader.start()
+        time.sleep(0.3)  # the read is under way
+        start = time.monotonic()
+        got = running.client().completions.create(model="base", prompt=TEXTS[0], max_tokens=NEW, temperature=0)
+        took = time.monotonic() - start
+        loader.join(timeout=10)
+        assert statuses == [200] and got.usage.completion_tokens > 0
+        assert took < 1.0, f"the request waited {took:.2f} s for the adapter's files"
+        assert [m.id for m in running.client().models.list().data] == ["base", "extra"]

@@ -119,22 +119,29 @@ class AdapterBank:
         """The slot adapter ``name`` is in now, or None while it waits on the CPU."""
         return self._entry(name).slot
 
-    def add(self, name: str, path: str | os.PathLike) -> None:
-        """Read the adapter at ``path`` as ``name``, into a free slot if there is one.
-
-        Everything is read and checked before the bank changes, so a refused adapter (see
-        `reader.read_adapter_factors`, plus: a name in use, a rank over ``max_rank``) leaves the
-        bank exactly as it was."""
-        check_adapter_name(name)
-        if name in self.entries:
-            raise ValueError(f"adapter {name!r} is already in the bank; remove it first or pick another name")
+    def read(self, path: str | os.PathLike) -> AdapterFactors:
+        """The adapter at ``path``, read and checked for this bank (`reader.read_adapter_factors`,
+        plus its rank against ``max_rank``), without changing the bank: safe on another thread
+        while the engine runs, so a server reads files without pausing generation."""
         factors = read_adapter_factors(self.skeleton, path)
         if factors.max_rank > self.max_rank:
             where = next(n for n, f in factors.modules.items() if f.rank == factors.max_rank)
-            raise AdapterRefused(f"adapter {name!r} ({path}) has rank {factors.max_rank} at {where}, over the "
-                                 f"bank's max_rank={self.max_rank}; make the engine with a larger max_rank")
+            raise AdapterRefused(f"adapter {path} has rank {factors.max_rank} at {where}, over the bank's "
+                                 f"max_rank={self.max_rank}; make the engine with a larger max_rank")
         if self.device.type == "cuda":  # pinned, so a copy into a slot does not stage through pageable memory
             factors = _pinned(factors)
+        return factors
+
+    def add(self, name: str, source: str | os.PathLike | AdapterFactors) -> None:
+        """Add the adapter at ``source`` (a path, or what `read` returned) as ``name``, into a free
+        slot if there is one.
+
+        Everything is read and checked before the bank changes, so a refused adapter (see `read`,
+        plus: a name in use) leaves the bank exactly as it was."""
+        check_adapter_name(name)
+        if name in self.entries:
+            raise ValueError(f"adapter {name!r} is already in the bank; remove it first or pick another name")
+        factors = source if isinstance(source, AdapterFactors) else self.read(source)
         created = [m for m in factors.modules if m not in self.modules]
         try:
             for module_name in created:

@@ -51,7 +51,7 @@ from .graphs import DecodeGraphs
 from .kv_cache import CacheWindow, SlotCache
 from .layers import SlotRoute, install, uninstall, wrapped
 from .merging import MergedWeights
-from .reader import structure_copy
+from .reader import AdapterFactors, structure_copy
 from .request import MAX_TOP_LOGPROBS, Event, Request, TokenLogprob, prompt_kind, seeds_for, stop_strings
 from .sampling import SamplingParams, next_tokens
 from .text import IncrementalText
@@ -128,9 +128,16 @@ class Engine:
     def adapters(self) -> list[str]:
         return self.bank.names
 
-    def add_adapter(self, name: str, path: str | os.PathLike) -> None:
+    def read_adapter(self, path: str | os.PathLike) -> AdapterFactors:
+        """Read and check the adapter at ``path`` for this engine without changing anything; pass
+        the result to `add_adapter`. Safe while another thread steps the engine (a server
+        reads adapter files here, off the engine's thread)."""
+        return self.bank.read(path)
+
+    def add_adapter(self, name: str, path: str | os.PathLike | AdapterFactors) -> None:
         """Load a PEFT/lorakit LoRA adapter directory for this base model as ``name``. A refused
-        adapter (`io.AdapterFileError`, `reader.AdapterRefused`) leaves the engine as it was. Any
+        adapter (`io.AdapterFileError`, `reader.AdapterRefused`) leaves the engine as it was; ``path``
+        may also be what `read_adapter` returned. Any
         number of adapters can be added; ``max_adapters`` of them are in the bank's slots at a time,
         and joining requests take the slots of the least recently used adapters that no running
         request uses (see `bank.py`). Requests already running are not affected."""

@@ -236,7 +236,9 @@ class Server:
                            param="lora_name")
         path = self._adapter_path(given)
         try:
-            await self.loop.call(lambda engine: engine.add_adapter(name, path))
+            # read and checked off the engine's thread (generation goes on); only the install waits for a step
+            factors = await asyncio.to_thread(self.engine.read_adapter, path)
+            await self.loop.call(lambda engine: engine.add_adapter(name, factors))
         except (ValueError, OSError, KeyError) as e:  # the library's message: what is wrong with the adapter
             raise ApiError(400, f"adapter {name!r} was not loaded: {e}", param="lora_path",
                            code="invalid_adapter") from None
