@@ -204,23 +204,34 @@ class Server:
             if g.chat:
                 yield sse(chunk_body(g, "", role=True))
             while not ended:
-                item = await job.events.get()
-                if isinstance(item, ApiError):  # the server stopped or failed: OpenAI's clients raise on this
-                    ended = True
+                items = [await job.events.get()]
+                while not job.events.empty() and not isinstance(items[-1], ApiError):
+                    items.append(job.events.get_nowait())  # a client behind by several steps gets one chunk
+                text, pieces, reason = "", [], None
+                for item in items:
+                    if isinstance(item, ApiError):  # the server stopped or failed: OpenAI's clients raise on this
+                        ended = True
+                        break
+                    event, scored = item
+                    tokens += len(event.tokens)
+                    text, pieces, reason = text + event.text, pieces + scored, event.finish_reason
+                    ended = event.finished
+                if text or ended or pieces:
+                    if reason != "cancelled" and not isinstance(item, ApiError):
+                        scores = completion_logprobs(pieces, offset) if g.logprobs is not None else None
+                        offset += sum(len(p["token"]) for p in pieces)
+                        yield sse(chunk_body(g, text, reason, usage(prompt_tokens, tokens) if ended else None,
+                                             logprobs=scores))
+                    elif text or pieces:  # what came before the cancel or the error still reaches the client
+                        yield sse(chunk_body(g, text, None,
+                                             logprobs=completion_logprobs(pieces, offset) if g.logprobs is not None
+                                             else None))
+                if isinstance(item, ApiError):
                     yield sse(item.body())
                     break
-                item, pieces = item
-                tokens += len(item.tokens)
-                ended = item.finished
-                reason = item.finish_reason
                 if reason == "cancelled":
                     yield sse(ApiError(503, "the request was cancelled before it finished").body())
                     break
-                if item.text or ended or pieces:
-                    scores = completion_logprobs(pieces, offset) if g.logprobs is not None else None
-                    offset += sum(len(p["token"]) for p in pieces)
-                    yield sse(chunk_body(g, item.text, reason, usage(prompt_tokens, tokens) if ended else None,
-                                         logprobs=scores))
             if g.include_usage:
                 yield sse(chunk_body(g, None, used=usage(prompt_tokens, tokens)))
             yield DONE

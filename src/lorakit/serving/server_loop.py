@@ -73,6 +73,12 @@ def _settle(future: asyncio.Future, value: Any) -> None:
         future.set_result(value)
 
 
+def _run_all(calls: list) -> None:
+    """On the event loop: a step's deliveries, in order."""
+    for fn, args in calls:
+        fn(*args)
+
+
 class EngineLoop:
     """Runs ``engine`` on a thread of its own (see the module's docstring). At most ``max_pending``
     jobs are accepted and not yet ended (running and waiting); one more is refused with a 503."""
@@ -86,6 +92,7 @@ class EngineLoop:
         self._pending = 0                         # accepted by a handler, not ended yet
         self._lock = threading.Lock()             # guards _pending and stopping
         self._in_slots = self._slotted()
+        self._outbox: list | None = None          # during a step: deliveries sent in one wake-up per loop
         self._thread = threading.Thread(target=self._run, name="lorakit-engine", daemon=True)
         metrics.adapters.set(len(self.adapters))
 
@@ -224,10 +231,14 @@ class EngineLoop:
             self._cancel_all("the engine failed while generating this request; see the server's log", status=500)
             return
         now = time.monotonic()
-        for event in events:
-            job = self._jobs.get(event.request_id)
-            if job is not None:
-                self._record(job, event, now)
+        self._outbox = []
+        try:
+            for event in events:
+                job = self._jobs.get(event.request_id)
+                if job is not None:
+                    self._record(job, event, now)
+        finally:
+            self._flush()
         self.metrics.queue_depth.set(len(self.engine.waiting))
         self.metrics.running.set(len(self.engine.running))
         self._count_evictions()
@@ -286,13 +297,30 @@ class EngineLoop:
         self._in_slots = now
 
     def _send(self, future: asyncio.Future, value: Any) -> None:
-        try:
-            future.get_loop().call_soon_threadsafe(_settle, future, value)
-        except RuntimeError:
-            pass
+        self._deliver(future.get_loop(), _settle, future, value)
 
     def _put(self, job: Job, item: Event | ApiError) -> None:
+        self._deliver(job.loop, job.events.put_nowait, item)
+
+    def _deliver(self, loop: asyncio.AbstractEventLoop, fn: Callable, *args) -> None:
+        """Run ``fn(*args)`` on ``loop``: now, or with the rest of this step's deliveries (one wake-up of
+        the event loop per step instead of one per request: with many streams that is most of the
+        server's own cost)."""
+        if self._outbox is not None:
+            self._outbox.append((loop, fn, args))
+            return
         try:
-            job.loop.call_soon_threadsafe(job.events.put_nowait, item)
-        except RuntimeError:
+            loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the event loop is closed: nobody waits any more
             pass
+
+    def _flush(self) -> None:
+        outbox, self._outbox = self._outbox or [], None
+        loops: dict[asyncio.AbstractEventLoop, list] = {}
+        for loop, fn, args in outbox:
+            loops.setdefault(loop, []).append((fn, args))
+        for loop, calls in loops.items():
+            try:
+                loop.call_soon_threadsafe(_run_all, calls)
+            except RuntimeError:
+                pass
