@@ -343,3 +343,16 @@ def test_logprobs_are_the_models_log_softmax_of_each_chosen_token(paths, referen
                 assert all(abs(v - want[t].item()) < 1e-4 for t, v in lp.top)
     with pytest.raises(ValueError, match="logprobs must be an integer from 0 to 20"):
         engine.submit(PROMPTS[0], None, logprobs=21)
+
+
+def test_cancel_all_ends_every_request_and_the_engine_serves_on(paths, references) -> None:
+    engine = engine_with(paths, names=("qv",), max_batch=2)
+    running = [engine.submit(PROMPTS[i], "qv", max_new_tokens=NEW, ignore_eos=True) for i in range(3)]
+    engine.step()  # two run, one waits
+    assert len(engine.running) == 2 and len(engine.waiting) == 1
+    ended = engine.cancel_all()
+    assert sorted(r.id for r in ended) == sorted(r.id for r in running)
+    assert all(r.finish_reason == "cancelled" and r.row == -1 for r in running)
+    assert not engine.running and not engine.waiting
+    assert engine.generate([PROMPTS[4]], ["qv"], max_new_tokens=NEW, ignore_eos=True)[0] == \
+        greedy(references["qv"], PROMPTS[4])

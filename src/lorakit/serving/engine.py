@@ -235,6 +235,17 @@ class Engine:
         elif request.row >= 0:
             self._leave(request)
 
+    def cancel_all(self) -> list[Request]:
+        """End every waiting and running request ("cancelled") and free every KV slot, whatever
+        state a failed `step` left them in (a server's recovery after an error); returns them.
+        The adapters, the bank and a merged adapter stay as they are."""
+        ended = [r for r in (*self.running, *self.waiting) if not r.finished]
+        for request in ended:
+            request.finish_reason, request.row = "cancelled", -1
+        self.running.clear()
+        self.waiting.clear()
+        return ended
+
     # --- generation --------------------------------------------------------------------------
 
     def generate(self, prompts: Sequence[Prompt], adapters: Sequence[str | None] | None = None, *,

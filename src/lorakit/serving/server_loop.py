@@ -277,14 +277,9 @@ class EngineLoop:
         self._send(job.done, result)
 
     def _cancel_all(self, message: str, status: int = 503) -> None:
+        self.engine.cancel_all()  # also what a failed step may have left half-done
         for job in list(self._jobs.values()):
-            try:
-                self.engine.cancel(job.request)
-            except Exception:  # noqa: BLE001 - after a failed step the engine's lists may be off; end the job anyway
-                logger.exception("cancelling request %s failed", job.request.id)
             self._end(job, ApiError(status, message))
-        self.engine.waiting.clear()  # what a failed step may have left behind; every one of them is ended above
-        self.engine.running.clear()
 
     def _slotted(self) -> set[str]:
         return {name for name, entry in self.engine.bank.entries.items() if entry.slot is not None}
