@@ -222,16 +222,22 @@ def test_all_linear_leaves_out_multihead_attention_out_proj_with_a_warning():
         assert torch.equal(model(x), expected)
 
 
-# --- bitsandbytes: a quantized base is refused by name, bit for bit untouched --------------------
+# --- bitsandbytes: Linear4bit/Linear8bitLt are kinds (tests/test_qlora.py); a subclass of one is ----
+# --- refused by name, bit for bit untouched ------------------------------------------------------
 
-def nf4_model() -> nn.Module:
+def nf4_model(subclass: bool = True) -> nn.Module:
     bnb = pytest.importorskip("bitsandbytes")
+
+    class MyLinear4bit(bnb.nn.Linear4bit):
+        """A subclass lorakit cannot know: it might dequantize its own way."""
+
+    cls = MyLinear4bit if subclass else bnb.nn.Linear4bit
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
     for i in (0, 2):
         dense = model[i]
-        q = bnb.nn.Linear4bit(64, dense.out_features, bias=True, compute_dtype=torch.float32,
-                              compress_statistics=True, quant_type="nf4")
+        q = cls(64, dense.out_features, bias=True, compute_dtype=torch.float32,
+                compress_statistics=True, quant_type="nf4")
         q.weight = bnb.nn.Params4bit(dense.weight.detach().clone(), requires_grad=False, quant_type="nf4",
                                      compress_statistics=True)
         q.bias = nn.Parameter(dense.bias.detach().clone())
@@ -254,7 +260,7 @@ def quantized_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("targets", [["0", "2"], "all-linear"], ids=["named", "all-linear"])
-def test_bitsandbytes_linear4bit_is_refused_and_untouched(targets, caplog):
+def test_subclass_of_bitsandbytes_linear4bit_is_refused_and_untouched(targets, caplog):
     caplog.set_level(logging.ERROR)  # bitsandbytes logs that an optional CPU kernel package is missing
     model = nf4_model()
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1))
@@ -266,8 +272,8 @@ def test_bitsandbytes_linear4bit_is_refused_and_untouched(targets, caplog):
     with pytest.raises(ConfigError) as info:
         lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=targets))
     message = str(info.value)
-    assert all(w in message for w in ["'0'", "bitsandbytes.nn.modules.Linear4bit", "cannot know how",
-                                      "QLoRA"]), message
+    assert all(w in message for w in ["'0'", "MyLinear4bit, a subclass of bitsandbytes Linear4bit",
+                                      "cannot know how"]), message
 
     assert_unchanged(model, before)
     after = quantized_snapshot(model)
@@ -278,12 +284,21 @@ def test_bitsandbytes_linear4bit_is_refused_and_untouched(targets, caplog):
         assert torch.equal(model(x), expected)
 
 
-def test_bitsandbytes_linear8bit_is_refused():
+def test_bitsandbytes_linear4bit_itself_is_a_linear_kind():
+    model = nf4_model(subclass=False)
+    assert kind_of(model[0]).quantized and is_dense(model[0]) and refusal(model[0]) is None
+
+
+def test_subclass_of_bitsandbytes_linear8bit_is_refused():
     bnb = pytest.importorskip("bitsandbytes")
-    layer = bnb.nn.Linear8bitLt(16, 8, has_fp16_weights=False)
+
+    class MyLinear8bit(bnb.nn.Linear8bitLt):
+        pass
+
+    layer = MyLinear8bit(16, 8, has_fp16_weights=False)
     layer.weight = bnb.nn.Int8Params(torch.randn(8, 16), requires_grad=False, has_fp16_weights=False)
     model = nn.Sequential(layer.to("cpu"))
-    with pytest.raises(ConfigError, match=r"bitsandbytes\.nn\.modules\.Linear8bitLt, a subclass of nn\.Linear"):
+    with pytest.raises(ConfigError, match=r"MyLinear8bit, a subclass of bitsandbytes Linear8bitLt"):
         lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules="all-linear"))
 
 

@@ -10,6 +10,7 @@
 
 from .compiling import compile
 from .adapters import active_adapters, adapter_names, disabled, merge, switch, trainable_parameters, unmerge, use
+from .combine import combine
 from .config import ConfigError, LoraConfig
 from .inject import delete_adapter, inject, unload
 from .io import AdapterFileError, load_adapter, save_adapter
@@ -22,6 +23,7 @@ __all__ = [
     "LoraConfig", "inject", "save_adapter", "load_adapter", "use", "disabled", "merge", "unmerge",
     "switch", "route", "unload", "trainable_parameters", "delete_adapter", "active_adapters", "adapter_names",
     "LoraLayer", "ConfigError", "AdapterFileError", "MergeError", "load_model", "compile",
+    "combine",
 ]
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .inject import lora_modules, lora_state
-from .layers import LoraLayer, MergeError
+from .layers import LoraLayer, LoraQuantizedLinear, MergeError
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -64,8 +64,13 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 def merge(model: nn.Module, *, safe: bool = True) -> None:
     """Fold the active adapters into the base weights, so inference costs what the base model
     costs. Idempotent: merging again adds nothing. ``safe`` checks for non-finite values before
-    anything is written."""
+    anything is written. Adapters on a quantized base (bitsandbytes) are refused, before anything is
+    merged: see `lorakit.unload(model, merge=True)` for a dense merged model."""
     layers = [m for _, m in lora_modules(model) if isinstance(m, LoraLayer)]
+    for layer in layers:  # a quantized base is refused before any layer is merged
+        pending = [n for n in layer.active_adapters if n not in layer.merged_adapters]
+        if pending and isinstance(layer, LoraQuantizedLinear):
+            raise MergeError(layer.merge_refusal(pending[0]))
     if safe:  # check every layer first, so a bad adapter leaves no layer half-merged
         for layer in layers:
             for name in layer.active_adapters:
@@ -95,13 +100,23 @@ def switch(model: nn.Module, name: str | Sequence[str]) -> None:
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; shared (tied) tensors are counted once."""
+    """(trainable, total) parameter counts; shared (tied) tensors are counted once, and a 4-bit
+    quantized weight as the weights it holds (not its packed bytes)."""
     seen: set[int] = set()
     trainable = total = 0
     for p in model.parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
+        n = _logical_numel(p)
+        total += n
+        trainable += n if p.requires_grad else 0
     return trainable, total
+
+
+def _logical_numel(p: torch.Tensor) -> int:
+    """Weights a parameter stands for: a bitsandbytes 4-bit weight packs two per byte of its storage,
+    and its quantization state knows the shape it was quantized from."""
+    state = getattr(p, "quant_state", None)
+    shape = getattr(state, "shape", None)
+    return shape.numel() if isinstance(shape, torch.Size) else p.numel()

@@ -1,4 +1,5 @@
-"""`lorakit train | generate | eval | merge | demo | analyze | serve`: parse the command line, call the library.
+"""`lorakit train | generate | eval | merge | demo | analyze | serve | combine`: parse the command
+line, call the library.
 
 Every option of `lorakit train` can also come from `--config run.yaml` (same names, dashes or
 underscores); options given on the command line win over the file.
@@ -71,6 +72,9 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate of AdamW, reached after --warmup")
     p.add_argument("--weight-decay", type=float, default=0.01,
                    help="AdamW weight decay of the LoRA matrices (never of biases or norms)")
+    p.add_argument("--loraplus-ratio", type=float,
+                   help="LoRA+ (Hayou et al. 2024): the B matrices learn at this many times --lr, the rest at --lr "
+                        "(the paper suggests 16) (default: none: off, one learning rate for all)")
     p.add_argument("--warmup", type=int, default=0, help="steps of linear warmup from 0 to --lr")
     p.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"],
                    help="learning rate after warmup: linear or cosine decay to 0, or constant")
@@ -96,6 +100,8 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--text-pair-column", help="classification: the column of a pair's second text, e.g. RTE's "
                    "sentence2 (default: none: single texts)")
     p.add_argument("--label-column", default="label", help="classification: the column that holds the label")
+    _quantize_options(p, "then train the adapter on it (QLoRA; docs/qlora.md); the run prints the base's "
+                         "size before and after")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     compiling = p.add_mutually_exclusive_group()
     compiling.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
@@ -109,6 +115,16 @@ def _train_parser(sub) -> argparse.ArgumentParser:
                    help="start afresh in an OUT that holds a run; the old run stays whole (and resumable) "
                         "until the new one writes its first checkpoint, which then replaces it")
     return p
+
+
+def _quantize_options(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--quantize", default="none", choices=["none", "nf4", "fp4", "int8"],
+                   help=f"quantize the base model's linear layers with bitsandbytes on load, {what}: nf4 "
+                        f"(QLoRA's 4-bit NormalFloat), fp4, or int8 (LLM.int8()); the output head stays dense; "
+                        f"none: keep the weights as they load")
+    p.add_argument("--double-quant", action="store_true",
+                   help="with --quantize nf4 or fp4: quantize the 4-bit blocks' scales too (QLoRA's double "
+                        "quantization, about 0.4 bits per weight less) (default: off)")
 
 
 def _generation_options(p: argparse.ArgumentParser, formats: list[str], several_adapters: bool = False) -> None:
@@ -175,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model", default="default", help=MODEL_HELP)
     m.add_argument("--adapter", required=True, help="adapter directory (PEFT format) to merge")
     m.add_argument("--out", required=True, help="new directory for the merged model and its tokenizer")
+    _quantize_options(m, "as the adapter was trained on it (train --quantize): the merged model is then the "
+                         "dequantized base plus ΔW, in float32, the model the adapter was trained with")
 
     d = sub.add_parser("demo", help="fine-tune the embedded SmolLM2 on the generated demo task (CPU, minutes)",
                        description="Fine-tune the embedded SmolLM2-135M on the generated demo task and show "
@@ -195,8 +213,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how to load --model (classification: 'default' is the embedded MiniLM)")
     a.add_argument("--out", required=True, help="directory for report.md, report.json and the PNG figures")
     a.add_argument("--seed", type=int, default=0, help="seed of the random directions in the amplification table")
+    _quantize_options(a, "as the adapter was trained on it: the amplification table then reads the "
+                         "dequantized weights")
     _serve_parser(sub)
+    _combine_parser(sub)
     return parser
+
+
+def _combine_parser(sub) -> argparse.ArgumentParser:
+    c = sub.add_parser("combine", help="one new adapter from several, weighted (PEFT's add_weighted_adapter)",
+                       description="Combine adapters of one base model into a new PEFT-format adapter: cat "
+                                   "(exact: ΔW = Σ wᵢ·ΔWᵢ, rank Σ rᵢ), svd (that sum truncated to --rank), or, "
+                                   "on A and B separately (equal ranks), linear, ties, dare_linear, dare_ties, "
+                                   "magnitude_prune (these keep a fraction --density of the entries). See "
+                                   "docs/variants.md.", formatter_class=HelpFormatter)
+    c.add_argument("--model", default="default", help=MODEL_HELP)
+    c.add_argument("--adapter", action="append", metavar="NAME=PATH", required=True,
+                   help="an adapter directory (PEFT format) under a name; repeat for each adapter to combine")
+    c.add_argument("--weights", required=True, help="comma list of weights, one per --adapter, in order "
+                   "(e.g. 0.7,0.3; negative subtracts)")
+    c.add_argument("--method", default="cat", choices=["cat", "svd", "linear", "ties", "dare_linear", "dare_ties",
+                                                       "magnitude_prune"], help="how to combine them")
+    c.add_argument("--rank", type=int, help="svd: rank of the result (default: none; required with --method svd)")
+    c.add_argument("--density", type=float, help="ties, dare_*, magnitude_prune: fraction of entries kept, in "
+                   "(0, 1] (default: none; required with those methods)")
+    c.add_argument("--seed", type=int, help="dare_*: seed of the random masks; PEFT after torch.manual_seed(S) "
+                   "draws the same (default: none: torch's unseeded generator)")
+    c.add_argument("--out", required=True, help="directory for the combined adapter (written atomically)")
+    return c
 
 
 def _serve_parser(sub) -> argparse.ArgumentParser:
@@ -268,7 +312,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 # Library keywords that a flag of another name sets: TrainConfig.warmup_steps is --warmup, and so on.
 _KEYWORD_DESTS = {"warmup_steps": "warmup", "max_steps": "steps", "out_dir": "out", "r": "rank",
-                  "target_modules": "targets", "num_beams": "beams", "no_repeat_ngram_size": "no_repeat_ngram"}
+                  "target_modules": "targets", "num_beams": "beams", "no_repeat_ngram_size": "no_repeat_ngram",
+                  "adapters": "adapter"}
 
 
 def command_flags(command: str) -> dict[str, str]:

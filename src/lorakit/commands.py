@@ -13,6 +13,7 @@ from .files import (atomic_write_dir, atomic_write_files, atomic_write_text, pre
                     prepare_output_file)
 from .finetune import DEMO_DATA, DataSpec, finetune, is_main_process
 from .generate import generate_text
+from .hints import Setting, SettingError
 from .inject import unload
 from .io import load_adapter
 from .metrics import SCALES, accuracy, corpus_scores, group_references
@@ -24,6 +25,29 @@ def _targets(text: str) -> list[str] | str:
     if text == ALL_LINEAR or any(c in text for c in "()[]*+?\\|^$"):
         return text  # all-linear or a regular expression
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _quantization(args: argparse.Namespace):
+    """The --quantize/--double-quant choice as a lorakit.quantize.Quantization, or None."""
+    if args.quantize == "none":
+        if args.double_quant:
+            raise SettingError(Setting("double_quant"), " quantizes the scales of a 4-bit base: add ",
+                               Setting("quantize", "nf4"), " (or fp4)")
+        return None
+    from .quantize import Quantization
+
+    return Quantization(args.quantize, double_quant=args.double_quant)
+
+
+def _load_base(args: argparse.Namespace, task: str = "causal", **kwargs):
+    """load_model, then the --quantize choice applied (its summary printed)."""
+    model, tokenizer = load_model(args.model, task, **kwargs)
+    quantization = _quantization(args)
+    if quantization is not None:
+        from .quantize import quantize_model
+
+        print(quantize_model(model, quantization).summary())
+    return model, tokenizer
 
 
 def train(args: argparse.Namespace) -> None:
@@ -42,14 +66,16 @@ def train(args: argparse.Namespace) -> None:
                          max_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                          eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
                          out_dir=args.out, overwrite=args.overwrite, device=args.device,
-                         fsdp=args.fsdp, compile=args.compile)
+                         fsdp=args.fsdp, compile=args.compile,
+                         loraplus_ratio=args.loraplus_ratio)
     data = DataSpec(train=args.data, eval=args.eval_data, format=args.format, seq_len=args.seq_len,
                     chat_template=args.chat_template, skip_bad_lines=args.skip_bad_lines,
                     text_column=args.text_column, text_pair_column=args.text_pair_column,
                     label_column=args.label_column)
+    quantization = _quantization(args)  # a bad --quantize/--double-quant pair fails before any work
     prepare_output_dir(args.out)  # before the work: a run that cannot write its files fails now
     finetune(args.model, data, lora, config, task=args.task, resume=args.resume,  # it prints its "done:" line
-             missing_targets="drop" if args.allow_missing_targets else "error")
+             missing_targets="drop" if args.allow_missing_targets else "error", quantization=quantization)
 
 
 def _read_examples(args: argparse.Namespace, format: str) -> list:
@@ -212,8 +238,9 @@ def _eval_classification(args: argparse.Namespace, examples: list) -> dict:
 
 
 def merge(args: argparse.Namespace) -> None:
+    _quantization(args)  # a bad --quantize/--double-quant pair fails before anything loads
     out = prepare_output_dir(args.out)  # refused before anything loads
-    model, tokenizer = load_model(args.model, "causal")
+    model, tokenizer = _load_base(args)
     load_adapter(model, args.adapter)
     plain = unload(model, merge=True)
 
@@ -223,6 +250,49 @@ def merge(args: argparse.Namespace) -> None:
 
     atomic_write_dir(out, write)
     print(f"wrote a merged model to {out} (load it with transformers' from_pretrained)")
+
+
+def combine(args: argparse.Namespace) -> None:
+    """`lorakit combine`: load the named adapters on the base model, combine them, write the result."""
+    from .combine import check_combination, combine as combine_adapters
+    from .inject import check_adapter_name
+    from .io import read_adapter, save_adapter
+
+    out = prepare_output_dir(args.out)  # refused before anything loads
+    named: dict[str, str] = {}
+    for spec in args.adapter:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--adapter {spec}: give it as NAME=PATH (e.g. --adapter sql=runs/sql/adapter)")
+        if name in named:
+            raise ValueError(f"--adapter {spec}: the name {name!r} is given twice; give each adapter its own name")
+        try:
+            check_adapter_name(name)
+        except ValueError as e:
+            raise ValueError(f"--adapter {spec}: {e}") from None
+        named[name] = path
+    try:
+        weights = [float(w) for w in args.weights.split(",")]
+    except ValueError:
+        raise ValueError(f"--weights {args.weights}: give comma-separated numbers, one per --adapter "
+                         f"(e.g. --weights 0.7,0.3)") from None
+    check_combination(len(named), weights, args.method, args.rank, args.density, args.seed)
+    for name, path in named.items():  # a bad directory fails now, not after the model loads
+        try:
+            read_adapter(path)
+        except ValueError as e:
+            raise ValueError(f"--adapter {name}={path}: {e}") from None
+    model, _ = load_model(args.model, "causal")
+    for name, path in named.items():
+        try:
+            load_adapter(model, path, name)
+        except ValueError as e:
+            raise ValueError(f"--adapter {name}={path}: {e}") from None
+    result = next(f"combined{i or ''}" for i in range(len(named) + 1) if f"combined{i or ''}" not in named)
+    combine_adapters(model, list(named), weights, result, method=args.method, rank=args.rank, density=args.density,
+                     seed=args.seed)
+    atomic_write_dir(out, lambda folder: save_adapter(model, folder, result))
+    print(f"wrote the {args.method} combination of {list(named)} (weights {weights}) to {out}")
 
 
 def demo(args: argparse.Namespace) -> None:
@@ -239,8 +309,12 @@ def analyze(args: argparse.Namespace) -> None:
     adapters = [read_adapter_deltas(p) for p in (args.adapter, args.adapter2) if p]
     common_layers(adapters)  # adapters that cannot be compared fail here, before a model loads
     model = None
+    _quantization(args)
     if args.model:
-        model, _ = load_model(args.model, args.task)
+        model, _ = _load_base(args, args.task)
+    elif args.quantize != "none":
+        raise SettingError(Setting("quantize", args.quantize), " quantizes the base model, and no ",
+                           Setting("model"), " is given")
     report = analyze_adapters(adapters, model, seed=args.seed, model_name=args.model)
     written = write_report(report, args.out)
     skipped = len(report["skipped"]) + len(report["amplification_skipped"])

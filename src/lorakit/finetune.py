@@ -20,6 +20,7 @@ from .data import (Batches, ClassificationExample, Example, collate, demo_task, 
 from .hints import Setting, SettingError
 from .inject import inject
 from .models import load_model, model_info
+from .quantize import Quantization, quantize_model
 from .train import TrainConfig, TrainResult, train
 
 DEMO_DATA = "demo"  # `--data demo`: the generated demo task (lorakit.demo_task), no file needed
@@ -79,17 +80,25 @@ def tokenize_all(examples: list[Any], tokenizer, spec: DataSpec) -> list[dict[st
 
 def finetune(model_spec: str, data: DataSpec, lora: LoraConfig, config: TrainConfig, *,
              task: str = "causal", resume: bool = False, model=None, tokenizer=None,
-             eval_fn=None, missing_targets: str = "warn") -> tuple[TrainResult, Any, Any]:
+             eval_fn=None, missing_targets: str = "warn",
+             quantization: Quantization | None = None) -> tuple[TrainResult, Any, Any]:
     """Load, inject, train and save; returns (result, model, tokenizer). Prints what a user wants
     to see first: trainable parameters against the total, and the adapter's size against the base's.
 
     Every random number of the run comes from ``config.seed``: a new classifier head, the adapter's
-    initial A, then (in ``train``) data order and dropout. ``missing_targets`` is ``inject``'s."""
+    initial A, then (in ``train``) data order and dropout. ``missing_targets`` is ``inject``'s.
+    ``quantization`` (QLoRA) quantizes the base's linear layers after loading, before inject, and
+    prints the base's size before and after (`lorakit.quantize.quantize_model`)."""
     train_ex, eval_ex, label_map = read_data(data, task)
     if model is None:
         model, tokenizer = load_model(model_spec, task, num_labels=max(label_map.values()) + 1 if label_map else 2,
                                       seed=config.seed)
-    base = model_info(model)
+    base_bytes = model_info(model)["size_bytes"]
+    if quantization is not None:  # QLoRA: the frozen base in 4 or 8 bits (the output head and saved modules stay)
+        report = quantize_model(model, quantization, skip=tuple(lora.modules_to_save or ()))
+        base_bytes = report.bytes_after
+        if is_main_process():
+            print(report.summary())
     # §4.1: A starts random. It is drawn here, before train() seeds its generators, so it is drawn
     # under the run's seed too (a resumed run then overwrites it from the checkpoint).
     torch.manual_seed(config.seed)
@@ -111,7 +120,7 @@ def finetune(model_spec: str, data: DataSpec, lora: LoraConfig, config: TrainCon
         return result, model, tokenizer
     adapter_bytes = sum(f.stat().st_size for f in Path(result.adapter_dir).iterdir() if f.is_file())
     print(f"adapter: {adapter_bytes / 1e6:.2f} MB on disk ({result.adapter_dir}); "
-          f"base model: {base['size_bytes'] / 1e6:.0f} MB ({base['size_bytes'] / adapter_bytes:,.0f}× larger)")
+          f"base model: {base_bytes / 1e6:.0f} MB ({base_bytes / adapter_bytes:,.0f}× larger)")
     if label_map:
         (Path(config.out_dir) / "labels.json").write_text(json.dumps(label_map, indent=2) + "\n")
     return result, model, tokenizer

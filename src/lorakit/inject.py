@@ -12,6 +12,7 @@ from torch import nn
 from .config import ALL_LINEAR, ConfigError, LoraConfig, layer_index, name_matches
 from .hints import Setting
 from .layers import LoraLayer, TrainableCopy, is_linear_family, kind_of, lora_class_for, refusal, registered_kinds
+from .layers.quantized import LoraQuantizedLinear, is_quantized_layer, keep_packed_layout
 from .layers import swiglu
 
 
@@ -204,6 +205,12 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default", *,
             del model.__dict__["lora_state"]
         raise
 
+    repacked = keep_packed_layout(model)  # bitsandbytes' CPU repacking breaks training through 4-bit layers
+    if repacked:
+        warnings.warn(f"bitsandbytes repacked the 4-bit weights of {repacked[:3]}{' ...' if len(repacked) > 3 else ''} "
+                      f"for its CPU inference kernel before inject; it cannot train through that layout (adapted "
+                      f"layers refuse to, others would pass no gradient): to train, load the model again and "
+                      f"inject before running it in eval mode", stacklevel=2)
     state.configs[name] = config
     if not state.active:
         state.active = [name]
@@ -301,14 +308,25 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         del model.__dict__["lora_state"]
 
 
-def unload(model: nn.Module, merge: bool = True) -> nn.Module:
+def unload(model: nn.Module, merge: bool = True, *, dense_dtype: torch.dtype | None = None) -> nn.Module:
     """Take every LoRA module off. ``merge=True`` folds the active adapters into the base weights
     (and keeps the active trainable copies); ``merge=False`` restores the base model exactly as it
-    was, up to float rounding of earlier merges. Returns the plain model."""
+    was, up to float rounding of earlier merges. Returns the plain model.
+
+    A quantized base layer (bitsandbytes 4-bit or 8-bit) is never merged into: with ``merge=True``
+    it is replaced by a dense ``nn.Linear`` holding its dequantized weight plus ΔW (summed in
+    float32), in ``dense_dtype`` (default: the dtype of the model's other floating-point weights,
+    float32 if it has none); with ``merge=False`` it is put back as it was, packed bytes untouched.
+    """
     state = lora_state(model)
+    if merge and dense_dtype is None and any(isinstance(m, LoraQuantizedLinear) for _, m in lora_modules(model)):
+        dense_dtype = _unquantized_dtype(model)
     swiglu.remove(model)
     for module_name, module in list(lora_modules(model)):
-        if isinstance(module, LoraLayer):
+        if isinstance(module, LoraQuantizedLinear):
+            _replace(model, module_name, module.to_dense(module.active_adapters, dense_dtype) if merge
+                     else module.base_layer)
+        elif isinstance(module, LoraLayer):
             if merge:
                 module.merge(module.active_adapters)
                 unmerge_rest = [a for a in module.merged_adapters if a not in module.active_adapters]
@@ -321,6 +339,20 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     _restore_requires_grad(model, state)
     del model.__dict__["lora_state"]
     return model
+
+
+def _unquantized_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype most floating-point weights of the model have, leaving out LoRA factors and
+    quantized layers (whose packed storage may be a float dtype); float32 if there are none."""
+    counts: dict[torch.dtype, int] = {}
+    for _, module in walk(model):
+        base = _base_of(module)
+        if is_quantized_layer(base):
+            continue
+        for p in (base.parameters() if base is not module else module.parameters(recurse=False)):
+            if p.is_floating_point():
+                counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
 
 
 def _restore_requires_grad(model: nn.Module, state: LoraState) -> None:

@@ -25,6 +25,7 @@ from .files import atomic_write_files
 from .inject import (_base_of, _find_saved, check_adapter_name, delete_adapter, find_targets, inject, lora_modules,
                      lora_state, new_layer, walk)
 from .layers import LoraLayer, LoraSlicedLinear, TrainableCopy, factor_key, kind_of, peft_factor_keys
+from .layers.quantized import is_quantized_layer
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -326,6 +327,11 @@ def _plan(model, config, tensors, probes, saved, weights_file) -> dict:
         if target is None:
             raise AdapterFileError(f"{weights_file}: key {key!r} matches no module or parameter of this "
                                    f"{type(model).__name__}")
+        if is_quantized_layer(owner) and param != "bias":
+            raise AdapterFileError(f"{weights_file}: {key} would overwrite the packed weight of "
+                                   f"{module_name.removesuffix('.base_layer')}, a quantized bitsandbytes "
+                                   f"{type(owner).__name__}; lorakit never writes a packed weight: load this "
+                                   f"adapter on an unquantized base")
         _check_shape(weights_file, key, module_name.removesuffix(".base_layer"), model, value, tuple(target.shape))
         if target.data_ptr() in originals:
             raise AdapterFileError(f"{weights_file}: {key} would overwrite a weight tied to "
@@ -394,9 +400,11 @@ def _tensor(module: nn.Module, name: str) -> torch.Tensor | None:
 def _check_shape(weights_file: Path, key: str, module_name: str, model: nn.Module,
                  value: torch.Tensor, expected: tuple[int, ...]) -> None:
     if tuple(value.shape) != tuple(expected):
-        base = model.get_submodule(module_name)
-        weight = getattr(_base_of(base), "weight", None)
-        where = f"{module_name}, which has weight shape {tuple(weight.shape)}" if weight is not None else module_name
+        base = _base_of(model.get_submodule(module_name))
+        weight = getattr(base, "weight", None)
+        shape = (base.out_features, base.in_features) if is_quantized_layer(base) else \
+            tuple(weight.shape) if weight is not None else None  # a packed weight's storage says nothing
+        where = f"{module_name}, which has weight shape {shape}" if shape is not None else module_name
         raise AdapterFileError(f"{weights_file}: {key} has shape {tuple(value.shape)}, but {where} needs "
                                f"{tuple(expected)} for this adapter's rank; the adapter was made for "
                                f"another model or another rank")

@@ -7,8 +7,9 @@ type: a subclass of a supported type (bitsandbytes' ``Linear4bit`` is an ``nn.Li
 ``class MyLinear(nn.Linear)``) may store or compute its weight in a way lorakit cannot know, so
 it is refused by name, never guessed (`refusal`).
 
-Quantized kinds are registered by the file that supports them (`register_kind`, at its import),
-with ``quantized=True`` and a ``dense_weight`` that dequantizes.
+Quantized kinds are registered by the file that supports them (`register_kind`, at its import:
+`quantized.py` for bitsandbytes), with ``quantized=True`` and a ``dense_weight`` that dequantizes;
+they name their types in ``type_names``, so that importing lorakit never imports bitsandbytes.
 
 Each LoRA layer class owns the PEFT key names of its factors (its ``peft_factor_keys``
 attribute); `factor_key` parses a file key with the names of every registered kind, and is the
@@ -39,6 +40,8 @@ class LayerKind:
     lora_class: type[LoraLayer]  # wraps the base module
     dense_weight: Callable[[nn.Module], torch.Tensor]  # the base weight as (d_out, d_in), a view where it can be
     types: tuple[type, ...] = ()  # accepted by exact type
+    type_names: tuple[str, ...] = ()  # or by the exact type's qualified name, for a type lorakit does not
+    # import (bitsandbytes' "bitsandbytes.nn.modules.Linear4bit"): importing lorakit never imports it
     accepts: Callable[[nn.Module], bool] | None = None  # or by this test, for a type lorakit does not import
     subclass_of: Callable[[type], bool] | None = None  # and with `accepts`: is a class derived from that type?
     linear: bool = False  # selected by target_modules="all-linear"
@@ -46,13 +49,18 @@ class LayerKind:
     quantized: bool = False  # its weight is packed: dense_weight dequantizes
 
     def matches(self, module: nn.Module) -> bool:
-        return type(module) in self.types or (self.accepts is not None and self.accepts(module))
+        return (type(module) in self.types or self.names(type(module))
+                or (self.accepts is not None and self.accepts(module)))
+
+    def names(self, cls: type) -> bool:
+        """True when ``cls`` is one of this kind's types named in ``type_names``."""
+        return bool(self.type_names) and qualified_name(cls) in self.type_names
 
     def is_ancestor_of(self, cls: type) -> bool:
         """True when ``cls`` derives from one of this kind's types (without being one)."""
-        if cls in self.types:
+        if cls in self.types or self.names(cls):
             return False
-        if any(issubclass(cls, t) for t in self.types):
+        if any(issubclass(cls, t) for t in self.types) or any(self.names(c) for c in cls.__mro__[1:]):
             return True
         return self.subclass_of is not None and self.subclass_of(cls)
 
@@ -61,7 +69,7 @@ def _nearest_ancestor(cls: type) -> LayerKind | None:
     """The kind of the nearest class ``cls`` derives from (a subclass of a registered Linear4bit is
     one of Linear4bit, not of nn.Linear)."""
     for ancestor in cls.__mro__[1:]:
-        kind = next((k for k in _KINDS if ancestor in k.types), None)
+        kind = next((k for k in _KINDS if ancestor in k.types or k.names(ancestor)), None)
         if kind is not None:
             return kind
     return next((k for k in _KINDS if k.is_ancestor_of(cls)), None)
@@ -94,9 +102,10 @@ def register_kind(kind: LayerKind) -> None:
     A type belongs to one kind: registering a type twice is refused, so which kind a module
     gets never depends on the order of imports.
     """
-    taken = [(t, k.name) for k in _KINDS for t in kind.types if t in k.types]
+    taken = [(qualified_name(t), k.name) for k in _KINDS for t in kind.types if t in k.types]
+    taken += [(t, k.name) for k in _KINDS for t in kind.type_names if t in k.type_names]
     if taken:
-        raise ValueError(f"layer kind {kind.name!r}: {qualified_name(taken[0][0])} is already "
+        raise ValueError(f"layer kind {kind.name!r}: {taken[0][0]} is already "
                          f"registered, as kind {taken[0][1]!r}")
     _KINDS.append(kind)
 
@@ -123,9 +132,10 @@ def refusal(module: nn.Module) -> str | None:
     if parent is not None:
         return (f"{qualified_name(cls)}, a subclass of {parent.name} that lorakit does not know: it cannot "
                 f"know how such a layer stores or computes its weight (a quantized one packs it), so it "
-                f"refuses rather than guess. Quantized bases (bitsandbytes, torchao, HQQ) come with QLoRA "
-                f"support; leave this module out with exclude_modules, or, if it holds and uses a plain "
-                f"weight, vouch for it with lorakit.layers.register_kind")
+                f"refuses rather than guess. QLoRA covers bitsandbytes' Linear4bit and Linear8bitLt "
+                f"themselves (docs/qlora.md; torchao and HQQ are not supported yet); leave this module out "
+                f"with exclude_modules, or, if it holds and uses a plain weight, vouch for it with "
+                f"lorakit.layers.register_kind")
     return f"{qualified_name(cls)}; lorakit adapts {', '.join(k.name for k in _KINDS)} only"
 
 

@@ -23,6 +23,8 @@ class TrainConfig:
     # --- optimisation (AdamW, Loshchilov & Hutter 2019; the LoRA paper uses it for every task) ---
     lr: float = 2e-4
     weight_decay: float = 0.01         # applied to matrices (A, B); never to biases or norms
+    loraplus_ratio: float | None = None  # LoRA+ (Hayou et al. 2024): B's lr = ratio × lr (A's and the
+                                         # rest's); the paper suggests 2^4; None: off, one lr for all
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     warmup_steps: int = 0              # linear warmup from 0 to lr
@@ -71,6 +73,11 @@ class TrainConfig:
             problems.append([Setting("epochs"), f" must be > 0 when max_steps is None, got {self.epochs}"])
         if not self.lr > 0:
             problems.append([Setting("lr"), f" (the peak learning rate) must be > 0, got {self.lr}"])
+        ratio = self.loraplus_ratio
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
+                                  or not 0 < ratio < float("inf")):
+            problems.append([Setting("loraplus_ratio"), f" (B's lr / A's lr) must be a positive number (unset: off), "
+                             f"got {self.loraplus_ratio!r}"])
         if self.weight_decay < 0:
             problems.append([Setting("weight_decay"), f" must be >= 0, got {self.weight_decay}"])
         if self.warmup_steps < 0:

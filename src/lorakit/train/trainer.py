@@ -30,7 +30,8 @@ from lorakit.adapters import trainable_parameters
 from lorakit.compiling import compile as compile_model
 from lorakit.files import fsync_directory
 from lorakit.hints import Setting
-from lorakit.inject import lora_state
+from lorakit.inject import lora_modules, lora_state
+from lorakit.layers import LoraLayer
 from lorakit.io import save_adapter
 
 from . import distributed
@@ -115,7 +116,7 @@ def _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("the model has no trainable parameters; inject an adapter with lorakit.inject first")
-    names, params = _in_optimizer_order(named)
+    names, params = _in_optimizer_order(named, _lora_b_ids(model, config))
     per_epoch = len(train_batches) if hasattr(train_batches, "__len__") else None
     if config.max_steps is None and not per_epoch:
         raise ValueError("train_batches has no length, so epochs cannot be counted; set config.max_steps")
@@ -193,11 +194,10 @@ def _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter
     forward = compile_model(wrapped) if compiled else wrapped
     # FSDP replaced the parameters with sharded ones (same names): the optimizer holds those.
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    names, params = _in_optimizer_order(named)
-    decayed = [p for p in params if p.ndim >= 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decayed, "weight_decay": config.weight_decay},
-         {"params": params[len(decayed):], "weight_decay": 0.0}], lr=config.lr, betas=config.betas, eps=config.eps)
+    lora_b = _lora_b_ids(model, config)
+    names, params = _in_optimizer_order(named, lora_b)
+    optimizer = torch.optim.AdamW(_param_groups(params, config, lora_b), lr=config.lr, betas=config.betas,
+                                  eps=config.eps)
     if resume:
         optimizer_from_files(optimizer, names, ckpt.optimizer_tensors, ckpt.state["optimizer_groups"])
         distributed.shard_optimizer_state_(optimizer)  # full tensors from the file -> this rank's shards
@@ -240,7 +240,7 @@ def _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter
             lr = config.lr * lr_factor(step + 1, total_steps=total_steps, warmup_steps=config.warmup_steps,
                                        schedule=config.schedule)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_ratio", 1.0)  # LoRA+: B's group runs at ratio × lr
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -371,7 +371,7 @@ def _fingerprint(config: TrainConfig, lora_config: Any, adapter_name: str, named
     lora = {k: (list(v) if isinstance(v, tuple) else v) for k, v in lora_config.__dict__.items()} \
         if lora_config is not None else None
     same = ("lr", "weight_decay", "betas", "eps", "warmup_steps", "schedule", "max_grad_norm", "label_smoothing",
-            "batch_size", "grad_accum", "seed")
+            "batch_size", "grad_accum", "seed", "loraplus_ratio")
     return {"adapter_name": adapter_name, "lora": json.loads(json.dumps(lora, default=list)),
             "trainable_tensors": shapes, "trainable_parameters": sum(p.numel() for _, p in named),
             "world_size": d.world_size, "num_examples": len(getattr(train_batches, "examples", ())) or None,
@@ -391,11 +391,40 @@ def _compile_hint(first_compiled_step: bool):
         raise
 
 
-def _in_optimizer_order(named: list[tuple[str, nn.Parameter]]) -> tuple[list[str], list[nn.Parameter]]:
+def _in_optimizer_order(named: list[tuple[str, nn.Parameter]],
+                        lora_b: frozenset[int] = frozenset()) -> tuple[list[str], list[nn.Parameter]]:
     """(names, params) as the optimizer holds them: matrices (decayed) first, then 1-D tensors
-    (biases, norms: not decayed, as is usual for AdamW)."""
-    ordered = [(n, p) for n, p in named if p.ndim >= 2] + [(n, p) for n, p in named if p.ndim < 2]
+    (biases, norms: not decayed, as is usual for AdamW). With LoRA+, the matrices are the B's
+    (ids in ``lora_b``) last, so each group is a contiguous run of the list."""
+    matrices = [(n, p) for n, p in named if p.ndim >= 2]
+    ordered = [(n, p) for n, p in matrices if id(p) not in lora_b] + [(n, p) for n, p in matrices if id(p) in lora_b] \
+        + [(n, p) for n, p in named if p.ndim < 2]
     return [n for n, _ in ordered], [p for _, p in ordered]
+
+
+def _lora_b_ids(model: nn.Module, config: TrainConfig) -> frozenset[int]:
+    """With LoRA+ (``config.loraplus_ratio``), the ids of the trainable B factors, found by type; else none."""
+    if config.loraplus_ratio is None:
+        return frozenset()
+    found = frozenset(id(p) for _, m in lora_modules(model) if isinstance(m, LoraLayer)
+                      for p in m.lora_B.values() if p.requires_grad)
+    if not found:
+        raise ValueError("loraplus_ratio gives the B factors of LoRA adapters their own learning rate, and this "
+                         "model trains none; inject an adapter, or leave loraplus_ratio unset")
+    return found
+
+
+def _param_groups(params: list[nn.Parameter], config: TrainConfig, lora_b: frozenset[int]) -> list[dict[str, Any]]:
+    """AdamW's groups, in the order of ``params``: decayed matrices, (LoRA+: the B's, decayed, with
+    ``lr_ratio``, which the schedule multiplies lr by), then the 1-D tensors without decay."""
+    matrices = [p for p in params if p.ndim >= 2 and id(p) not in lora_b]
+    groups = [{"params": matrices, "weight_decay": config.weight_decay}]
+    if lora_b:
+        # §LoRA+ (Hayou et al. 2024): η_B = λ·η_A; weight decay as for any other matrix.
+        groups.append({"params": [p for p in params if id(p) in lora_b], "weight_decay": config.weight_decay,
+                       "lr": config.lr * config.loraplus_ratio, "lr_ratio": float(config.loraplus_ratio)})
+    groups.append({"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0})
+    return groups
 
 
 def _check_fsdp(adapter_name: str | None, eval_batches: Any, eval_fn: EvalFn | None, d: distributed.Dist) -> None:
