@@ -60,6 +60,12 @@ def _train_parser(sub) -> argparse.ArgumentParser:
                    "loss.png, run.json")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank r of ΔW = B·A")
     p.add_argument("--alpha", type=float, default=16, help="LoRA α: ΔW is scaled by α/r")
+    p.add_argument("--init", default="kaiming",
+                   help="how A and B start: kaiming (A kaiming-uniform, B = 0, as PEFT), gaussian (A ~ N(0, 1/r)), "
+                        "pissa (PiSSA: A, B from the top-r singular vectors of W, exact SVD), pissa_niter_K "
+                        "(PiSSA by randomized SVD with K iterations, e.g. pissa_niter_4) or olora (OLoRA: from W's "
+                        "QR); pissa and olora leave W − s·B·A in the base, so the saved adapter is converted to a "
+                        "plain LoRA of rank 2·--rank for the untouched base (docs/variants.md) (default: kaiming)")
     p.add_argument("--targets", help="comma list, a regex, or all-linear (default: the paper's Wq, Wv: "
                    "q_proj,v_proj; query,value for --task classification)")
     p.add_argument("--allow-missing-targets", action="store_true",
@@ -72,9 +78,18 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate of AdamW, reached after --warmup")
     p.add_argument("--weight-decay", type=float, default=0.01,
                    help="AdamW weight decay of the LoRA matrices (never of biases or norms)")
+    p.add_argument("--dora", action="store_true",
+                   help="DoRA (Liu et al. 2024): train a magnitude per output row beside the LoRA direction, "
+                        "W' = m·(W0 + s·B·A)/‖W0 + s·B·A‖ (PEFT's use_dora; docs/variants.md); the serving bank "
+                        "refuses DoRA adapters: merge them to serve (default: off: plain LoRA)")
     p.add_argument("--loraplus-ratio", type=float,
                    help="LoRA+ (Hayou et al. 2024): the B matrices learn at this many times --lr, the rest at --lr "
                         "(the paper suggests 16) (default: none: off, one learning rate for all)")
+    p.add_argument("--n-prefix", type=int, default=0,
+                   help="LoRA + prefix embeddings (Hu et al. 2021, Table 15): train this many virtual-token "
+                        "embeddings put in front of every input, with the adapter; saved beside it as "
+                        "prefix_embeddings.safetensors, used by generate and serve (causal LMs, one process); "
+                        "0: off")
     p.add_argument("--warmup", type=int, default=0, help="steps of linear warmup from 0 to --lr")
     p.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"],
                    help="learning rate after warmup: linear or cosine decay to 0, or constant")

@@ -30,7 +30,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .config import ConfigError, LoraConfig
+from .config import ConfigError, LoraConfig, init_from_weight
 from .hints import Setting, SettingError
 from .inject import check_adapter_name, delete_adapter, find_targets, inject, lora_modules, lora_state
 from .layers import LoraEmbedding, LoraLayer, LoraSlicedLinear
@@ -139,6 +139,11 @@ def combine(model: nn.Module, adapters: Sequence[str], weights: Sequence[float],
         if config.modules_to_save:
             raise CombineError(f"cannot combine adapter {a!r}: it trains full copies of {list(config.modules_to_save)} "
                                f"(modules_to_save), which are not low-rank factors and cannot be combined")
+        if init_from_weight(config.init):
+            raise CombineError(f"cannot combine adapter {a!r}: its init {config.init!r} moved part of the base weights "
+                               f"into its A and B, so it applies to that residual base only; save it with "
+                               f"save_adapter(..., convert_to_lora=True), load that on the untouched base model, "
+                               f"and combine there")
         if config.fused_projections:
             raise CombineError(f"cannot combine adapter {a!r}: it adapts slices of fused projections "
                                f"({list(config.fused_projections)}), which combine does not handle yet")

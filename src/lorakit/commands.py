@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from .adapters import merge as merge_adapters
@@ -16,6 +17,7 @@ from .generate import generate_text
 from .hints import Setting, SettingError
 from .inject import unload
 from .io import load_adapter
+from .prefix import PREFIX_FILE, has_prefix, load_prefix, model_hidden_size
 from .metrics import SCALES, accuracy, corpus_scores, group_references
 from .models import load_model
 from .train import TrainConfig
@@ -60,7 +62,8 @@ def train(args: argparse.Namespace) -> None:
     targets = args.targets or ("query,value" if classify else "q_proj,v_proj")
     saved = args.modules_to_save if args.modules_to_save is not None else ("classifier" if classify else "")
     lora = LoraConfig(r=args.rank, alpha=args.alpha, dropout=args.dropout, target_modules=_targets(targets),
-                      modules_to_save=[m for m in saved.split(",") if m] or None)
+                      modules_to_save=[m for m in saved.split(",") if m] or None, init=args.init,
+                      use_dora=args.dora)
     config = TrainConfig(lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup,
                          schedule=args.schedule, label_smoothing=args.label_smoothing, epochs=args.epochs,
                          max_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
@@ -75,7 +78,8 @@ def train(args: argparse.Namespace) -> None:
     quantization = _quantization(args)  # a bad --quantize/--double-quant pair fails before any work
     prepare_output_dir(args.out)  # before the work: a run that cannot write its files fails now
     finetune(args.model, data, lora, config, task=args.task, resume=args.resume,  # it prints its "done:" line
-             missing_targets="drop" if args.allow_missing_targets else "error", quantization=quantization)
+             missing_targets="drop" if args.allow_missing_targets else "error", quantization=quantization,
+             n_prefix=args.n_prefix)
 
 
 def _read_examples(args: argparse.Namespace, format: str) -> list:
@@ -95,6 +99,18 @@ def _model_with_adapter(args: argparse.Namespace, task: str = "causal", adapter:
             merge_adapters(model)
     model.eval()
     return model, tokenizer
+
+
+def _adapter_prefix(model, adapter: str | None):
+    """The prefix embeddings saved beside ``adapter`` (train --n-prefix), said once on stderr; else None."""
+    if not adapter:
+        return None
+    prefix = load_prefix(adapter, hidden_size=model_hidden_size(model))
+    if prefix is not None:
+        print(f"{adapter}: using its {prefix.n_prefix} prefix embeddings ({PREFIX_FILE}) in front of every prompt",
+              file=sys.stderr)
+        prefix.to(next(model.parameters()).device)
+    return prefix
 
 
 def _generation_kwargs(args: argparse.Namespace) -> dict:
@@ -122,7 +138,8 @@ def generate(args: argparse.Namespace) -> None:
             raise ValueError(f"{args.data}, line {first.line}: names adapter {first.adapter!r}, but no named "
                              f"adapter is given; pass --adapter NAME=PATH for each adapter the lines name")
         model, tokenizer = _model_with_adapter(args, adapter=(args.adapter or [None])[0])
-        outputs = generate_text(model, tokenizer, prompts, **_generation_kwargs(args))
+        prefix = _adapter_prefix(model, (args.adapter or [None])[0])
+        outputs = generate_text(model, tokenizer, prompts, prefix=prefix, **_generation_kwargs(args))
         records = [{"prompt": p, "output": o} for p, o in zip(prompts, outputs)]
     else:
         chosen = _line_adapters(lines, named, args.data)
@@ -187,6 +204,9 @@ def _generate_with_engine(args: argparse.Namespace, named: dict[str, str], promp
                     chat_template=args.chat_template)
     for name, path in named.items():
         engine.add_adapter(name, path)
+        if name in engine.prefixes:
+            print(f"{path}: using its {len(engine.prefixes[name])} prefix embeddings ({PREFIX_FILE}) in front of "
+                  f"the prompts of adapter {name!r}", file=sys.stderr)
     return engine.generate(prompts, adapters=adapters, max_new_tokens=args.max_new_tokens)
 
 
@@ -201,7 +221,8 @@ def eval(args: argparse.Namespace) -> None:  # noqa: A001 - the command's name
         if args.limit:
             sources, references = sources[:args.limit], references[:args.limit]
         model, tokenizer = _model_with_adapter(args)
-        hypotheses = generate_text(model, tokenizer, sources, **_generation_kwargs(args))
+        hypotheses = generate_text(model, tokenizer, sources, prefix=_adapter_prefix(model, args.adapter),
+                                   **_generation_kwargs(args))
         scores = corpus_scores(hypotheses, references)
         scores["examples"] = len(sources)
         scores["scales"] = {name: SCALES[name] for name in scores if name in SCALES}
@@ -242,6 +263,10 @@ def merge(args: argparse.Namespace) -> None:
     out = prepare_output_dir(args.out)  # refused before anything loads
     model, tokenizer = _load_base(args)
     load_adapter(model, args.adapter)
+    if has_prefix(args.adapter):
+        print(f"warning: {args.adapter} has prefix embeddings ({PREFIX_FILE}); a merged model has no place for "
+              "them, so it generates without them (use the adapter unmerged, or generate --merge, to keep them)",
+              file=sys.stderr)
     plain = unload(model, merge=True)
 
     def write(folder: Path) -> None:

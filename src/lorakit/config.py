@@ -21,7 +21,20 @@ _LAYER_INDEX = re.compile(r"(?:^|\.)(?:%s)\.(\d+)(?:\.|$)" % "|".join(LAYER_CONT
 
 ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "all", "lora_only")
-INIT_MODES = ("kaiming", "gaussian")
+INIT_MODES = ("kaiming", "gaussian", "pissa", "olora")  # and "pissa_niter_K" (K >= 1): see init_from_weight
+_PISSA_NITER = re.compile(r"pissa_niter_(\w*)")
+
+
+def init_from_weight(init: str) -> bool:
+    """True for PiSSA ("pissa", "pissa_niter_K") and OLoRA ("olora"): inits that take A and B from
+    the base weight and leave the residual W − s·B·A in it (`layers/weight_init.py`)."""
+    return init in ("pissa", "olora") or _PISSA_NITER.fullmatch(init) is not None
+
+
+def pissa_niter(init: str) -> int | None:
+    """K of "pissa_niter_K" (randomized SVD with K subspace iterations), None for any other init."""
+    m = _PISSA_NITER.fullmatch(init)
+    return int(m.group(1)) if m else None
 
 
 class ConfigError(SettingError):
@@ -52,8 +65,16 @@ class LoraConfig:
             projections (GPT-2's ``c_attn`` = q|k|v); only the slices marked True get an adapter.
             The paper adapts q and v inside ``c_attn``: ``{"c_attn": [True, False, True]}``.
         use_rslora: scale by α/√r (Kalajdzievski 2023), which keeps updates stable across ranks.
+        use_dora: DoRA (Liu et al. 2024, arXiv 2402.09353): W' = m ⊙ (W0 + s·B·A) / ‖W0 + s·B·A‖,
+            a trainable magnitude m per output row beside the LoRA direction, as PEFT's
+            ``use_dora`` (`variants/dora.py`). Not additive: the serving bank refuses it; merge it
+            (``lorakit merge``) to serve it.
         init: ``"kaiming"`` (A kaiming-uniform, as PEFT and the reference code) or ``"gaussian"``
-            (A ~ N(0, 1/r), the paper's §4.1 wording); B = 0 either way.
+            (A ~ N(0, 1/r), the paper's §4.1 wording); B = 0 either way. ``"pissa"`` (Meng et al.
+            2024: A, B from the top-r singular triplets of W; ``"pissa_niter_K"``: a randomized SVD
+            with K iterations) and ``"olora"`` (Büyükakyüz 2024: from W's QR decomposition) take A
+            and B from the base weight and write the residual W − s·B·A into it, so the adapted
+            model still equals the base model at step 0 (docs/variants.md).
     """
 
     r: int = 8
@@ -69,6 +90,7 @@ class LoraConfig:
     fused_projections: Mapping[str, Sequence[bool]] = field(default_factory=dict)
     use_rslora: bool = False
     init: str = "kaiming"
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         # Lists become tuples so the frozen config is hashable and cannot change under a model.
@@ -94,8 +116,14 @@ class LoraConfig:
                               "e.g. ['q_proj', 'v_proj'] or 'all-linear'")
         if self.bias not in BIAS_MODES:
             raise ConfigError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
-        if self.init not in INIT_MODES:
-            raise ConfigError(f"init must be one of {INIT_MODES}, got {self.init!r}")
+        if not isinstance(self.init, str) or not (self.init in INIT_MODES or _PISSA_NITER.fullmatch(self.init)):
+            raise ConfigError(Setting("init"), f" must be one of {INIT_MODES} or 'pissa_niter_K' (K a positive "
+                              f"integer, e.g. 'pissa_niter_4'), got {self.init!r}")
+        niter = _PISSA_NITER.fullmatch(self.init)
+        if niter and not (re.fullmatch(r"[0-9]+", niter.group(1)) and int(niter.group(1)) >= 1):
+            raise ConfigError(Setting("init"), f" {self.init!r}: K in 'pissa_niter_K' is the number of subspace "
+                              f"iterations of the randomized SVD and must be a positive integer, e.g. "
+                              f"'pissa_niter_4' (or 'pissa' for the exact SVD)")
         for pattern, rank in self.rank_pattern.items():
             if not isinstance(rank, int) or rank <= 0:
                 raise ConfigError(f"rank_pattern[{pattern!r}] must be a positive integer, got {rank!r}")
@@ -158,8 +186,8 @@ class LoraConfig:
             "modules_to_save": list(self.modules_to_save) if self.modules_to_save else None,
             "fan_in_fan_out": fan_in_fan_out,
             "use_rslora": self.use_rslora,
-            "init_lora_weights": True if self.init == "kaiming" else "gaussian",
-            "use_dora": False,
+            "init_lora_weights": True if self.init == "kaiming" else self.init,  # PEFT's strings otherwise
+            "use_dora": self.use_dora,
             "inference_mode": True,
         }
 
@@ -170,7 +198,7 @@ class LoraConfig:
         if peft_type != "LORA":
             raise ConfigError(f"{source}: peft_type is {peft_type!r}; lorakit reads LoRA adapters only "
                               f"(peft_type 'LORA')")
-        for flag in ("use_dora", "use_qalora", "use_bdlora", "lora_bias"):
+        for flag in ("use_qalora", "use_bdlora", "lora_bias"):
             if d.get(flag):
                 raise ConfigError(f"{source}: {flag}=true is a LoRA variant lorakit does not implement")
         if d.get("layers_pattern") and d.get("layers_pattern") not in (list(LAYER_CONTAINERS), *LAYER_CONTAINERS):
@@ -196,10 +224,22 @@ class LoraConfig:
                 bias=d.get("bias", "none"),
                 modules_to_save=d.get("modules_to_save"),
                 use_rslora=bool(d.get("use_rslora", False)),
-                init="gaussian" if init == "gaussian" else "kaiming",
+                use_dora=bool(d.get("use_dora") or False),
+                init=_init_from_peft(init),
             )
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
+
+
+def _init_from_peft(value: Any) -> str:
+    """PEFT's init_lora_weights as a lorakit init. PiSSA and OLoRA are kept (PEFT redoes them on load:
+    the base weight becomes the residual, then A and B come from the file); other PEFT inits only
+    choose A and B, which the file overwrites, so they read as "kaiming"."""
+    if isinstance(value, str):
+        lowered = value.lower()
+        if lowered in ("gaussian", "pissa", "olora") or _PISSA_NITER.fullmatch(lowered):
+            return lowered
+    return "kaiming"
 
 
 def _pattern_value(patterns: Mapping[str, Any], module_name: str, default: Any) -> Any:

@@ -20,6 +20,7 @@ from .data import (Batches, ClassificationExample, Example, collate, demo_task, 
 from .hints import Setting, SettingError
 from .inject import inject
 from .models import load_model, model_info
+from .prefix import PrefixEmbedding
 from .quantize import Quantization, quantize_model
 from .train import TrainConfig, TrainResult, train
 
@@ -81,14 +82,21 @@ def tokenize_all(examples: list[Any], tokenizer, spec: DataSpec) -> list[dict[st
 def finetune(model_spec: str, data: DataSpec, lora: LoraConfig, config: TrainConfig, *,
              task: str = "causal", resume: bool = False, model=None, tokenizer=None,
              eval_fn=None, missing_targets: str = "warn",
-             quantization: Quantization | None = None) -> tuple[TrainResult, Any, Any]:
+             quantization: Quantization | None = None, n_prefix: int = 0) -> tuple[TrainResult, Any, Any]:
     """Load, inject, train and save; returns (result, model, tokenizer). Prints what a user wants
     to see first: trainable parameters against the total, and the adapter's size against the base's.
 
     Every random number of the run comes from ``config.seed``: a new classifier head, the adapter's
     initial A, then (in ``train``) data order and dropout. ``missing_targets`` is ``inject``'s.
     ``quantization`` (QLoRA) quantizes the base's linear layers after loading, before inject, and
-    prints the base's size before and after (`lorakit.quantize.quantize_model`)."""
+    prints the base's size before and after (`lorakit.quantize.quantize_model`). ``n_prefix`` > 0
+    trains that many prefix embeddings with the adapter (`lorakit.prefix`; causal LMs only), saved
+    beside it as prefix_embeddings.safetensors."""
+    if n_prefix and task != "causal":
+        raise SettingError(Setting("n_prefix", n_prefix), " puts trainable embeddings in front of a causal LM's "
+                           f"inputs; task {task!r} is not supported: train it without ", Setting("n_prefix"))
+    if n_prefix < 0:
+        raise SettingError(Setting("n_prefix"), f" must be >= 0 (0: no prefix embeddings), got {n_prefix}")
     train_ex, eval_ex, label_map = read_data(data, task)
     if model is None:
         model, tokenizer = load_model(model_spec, task, num_labels=max(label_map.values()) + 1 if label_map else 2,
@@ -103,6 +111,8 @@ def finetune(model_spec: str, data: DataSpec, lora: LoraConfig, config: TrainCon
     # under the run's seed too (a resumed run then overwrites it from the checkpoint).
     torch.manual_seed(config.seed)
     inject(model, lora, missing_targets=missing_targets)  # train() prints trainable vs total parameters
+    # From their own generator (seed): A's draw above is the same with or without a prefix.
+    prefix = PrefixEmbedding.from_vocabulary(model, n_prefix, seed=config.seed) if n_prefix else None
 
     # A compiled step gets widths that are multiples of 64: a few shapes, one compile with symbolic
     # sizes, and the fast kernels (unpadded lengths ran slower than eager; docs/performance.md).
@@ -114,7 +124,8 @@ def finetune(model_spec: str, data: DataSpec, lora: LoraConfig, config: TrainCon
     if eval_ex:
         eval_batches = Batches(tokenize_all(eval_ex, tokenizer, data), config.batch_size, shuffle=False,
                                collate_fn=collate_fn, epochs=1)
-    result = train(model, batches, config, eval_batches=eval_batches, eval_fn=eval_fn, resume=resume)
+    result = train(model, batches, config, eval_batches=eval_batches, eval_fn=eval_fn, resume=resume,
+                   prefix=prefix)
 
     if not is_main_process():
         return result, model, tokenizer

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from lorakit.data import encode_prompt
 from lorakit.hints import Setting, SettingError
+from lorakit.prefix import PrefixEmbedding, insert_placeholders
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -45,6 +46,7 @@ def generate_ids(
     pad_token_id: int | None,
     batch_size: int = 16,
     progress: bool = True,
+    prefix: PrefixEmbedding | None = None,
 ) -> list[list[int]]:
     """Continue each prompt (a list of token ids); return only the new tokens, in prompt order.
 
@@ -59,8 +61,13 @@ def generate_ids(
     embeddings fail mid-run and rotary ones decode noise. Prompts are sorted by length before
     batching, so a batch holds little padding; a progress bar over batches shows when there is
     more than one batch and `progress` is true.
+
+    ``prefix`` (LoRA + prefix embeddings, `lorakit.prefix`) goes in front of every prompt, after its
+    left padding: placeholder ids whose embeddings are the prefix rows, so the prompt positions
+    count on from n_prefix, as in training; it counts against the model's positions.
     """
-    _check(model, prompts, max_new_tokens, num_beams, no_repeat_ngram_size, batch_size)
+    n_prefix = prefix.n_prefix if prefix is not None else 0
+    _check(model, prompts, max_new_tokens, num_beams, no_repeat_ngram_size, batch_size, n_prefix)
     pad = pad_token_id if pad_token_id is not None else eos_token_id if eos_token_id is not None else 0
     config = _generation_config(max_new_tokens, num_beams, length_penalty, no_repeat_ngram_size,
                                 eos_token_id, pad)
@@ -72,8 +79,13 @@ def generate_ids(
     with _eval_mode(model), _own_generation_config(model), torch.inference_mode():
         for batch in tqdm(batches, desc="generate", unit="batch", disable=not progress or len(batches) < 2):
             input_ids, attention_mask = _left_pad([prompts[i] for i in batch], pad, device)
+            embeds = {}
+            if prefix is not None:
+                # generate() starts from inputs_embeds and returns input_ids + the new tokens
+                input_ids, attention_mask, _, starts = insert_placeholders(input_ids, attention_mask, n_prefix, pad)
+                embeds = {"inputs_embeds": prefix.to(device).inputs_embeds(model, input_ids, starts)}
             out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                 generation_config=config)
+                                 generation_config=config, **embeds)
             new = out[:, input_ids.shape[1]:].tolist()  # (batch, ≤ max_new_tokens): prompt dropped
             for i, tokens in zip(batch, new):
                 results[i] = _until_eos(tokens, eos_token_id)
@@ -107,7 +119,7 @@ def generate_text(
 # --- the pieces ----------------------------------------------------------------------------------
 
 def _check(model: PreTrainedModel, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-           num_beams: int, no_repeat_ngram_size: int, batch_size: int) -> None:
+           num_beams: int, no_repeat_ngram_size: int, batch_size: int, n_prefix: int = 0) -> None:
     """Fail before any work, naming the offending prompt, rather than deep inside a forward."""
     if not prompts:
         raise ValueError("no prompts to generate from; pass at least one prompt")
@@ -122,10 +134,12 @@ def _check(model: PreTrainedModel, prompts: Sequence[Sequence[int]], max_new_tok
             raise ValueError(f"prompt {i} has no tokens; a causal LM needs at least one to start "
                              "from (use a tokenizer that adds BOS, or a non-empty prompt)")
         # The last new token is returned but never fed back, so it needs no position.
-        if limit is not None and len(prompt) + max_new_tokens - 1 > limit:
-            what = ("is longer than the model's" if len(prompt) > limit else
-                    f"leaves room for only {limit - len(prompt) + 1} new tokens in the model's")
-            raise SettingError(f"prompt {i} has {len(prompt)} tokens, which {what} {limit} positions "
+        length = len(prompt) + n_prefix
+        if limit is not None and length + max_new_tokens - 1 > limit:
+            what = ("is longer than the model's" if length > limit else
+                    f"leaves room for only {limit - length + 1} new tokens in the model's")
+            with_prefix = f" (with the {n_prefix} prefix embeddings)" if n_prefix else ""
+            raise SettingError(f"prompt {i} has {length} tokens{with_prefix}, which {what} {limit} positions "
                                "(", Setting("max_new_tokens", max_new_tokens), "); shorten the prompt or lower ",
                                Setting("max_new_tokens"))
 

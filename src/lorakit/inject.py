@@ -9,7 +9,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from .config import ALL_LINEAR, ConfigError, LoraConfig, layer_index, name_matches
+from .config import ALL_LINEAR, ConfigError, LoraConfig, init_from_weight, layer_index, name_matches
 from .hints import Setting
 from .layers import LoraLayer, TrainableCopy, is_linear_family, kind_of, lora_class_for, refusal, registered_kinds
 from .layers.quantized import LoraQuantizedLinear, is_quantized_layer, keep_packed_layout
@@ -181,6 +181,11 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default", *,
     if missing_targets == "drop" and unused:
         config = config.replace(target_modules=[t for t in config.target_modules if t not in unused])
     saved_targets = _find_saved(model, config)
+    if init_from_weight(config.init):  # PiSSA/OLoRA rewrite base weights: ask every target before the first
+        for module_name, module in targets:
+            probe = module if isinstance(module, LoraLayer) else \
+                new_layer(module_name, module, config.fused_slices_for(module_name))
+            probe.check_init(config.rank_for(module_name), config.init)
     if state is None:
         state = LoraState(requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
         model.__dict__["lora_state"] = state
@@ -190,7 +195,8 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default", *,
         for module_name, module in targets:
             layer = _wrap(model, module_name, module, config)
             layer.add_adapter(name, config.rank_for(module_name), config.alpha_for(module_name), config.dropout,
-                              use_rslora=config.use_rslora, init=config.init, dtype=dtype)
+                              use_rslora=config.use_rslora, init=config.init, dtype=dtype,
+                              variant=variant_name(config))
             added.append(layer)
         for module_name, module in saved_targets:
             wrapper = module if isinstance(module, TrainableCopy) else _replace(
@@ -219,6 +225,11 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default", *,
     _freeze_all_but(model, name, config)
     swiglu.install(model)  # SwiGLU MLPs whose down_proj is now a LoRA layer
     return model
+
+
+def variant_name(config: LoraConfig) -> str:
+    """The LoRA variant (`variants/`) that ``config``'s adapters use."""
+    return "dora" if config.use_dora else "lora"
 
 
 def check_adapter_name(name: str) -> None:
@@ -274,6 +285,8 @@ def _freeze_all_but(model: nn.Module, name: str, config: LoraConfig) -> None:
         if isinstance(module, LoraLayer) and name in module.lora_A:
             module.lora_A[name].requires_grad_(True)
             module.lora_B[name].requires_grad_(True)
+            if name in module.lora_magnitude_vector:  # DoRA's m
+                module.lora_magnitude_vector[name].requires_grad_(True)
             if config.bias == "lora_only" and getattr(module.base_layer, "bias", None) is not None:
                 module.base_layer.bias.requires_grad_(True)
         elif isinstance(module, TrainableCopy) and name in module.modules_to_save:
@@ -311,7 +324,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 def unload(model: nn.Module, merge: bool = True, *, dense_dtype: torch.dtype | None = None) -> nn.Module:
     """Take every LoRA module off. ``merge=True`` folds the active adapters into the base weights
     (and keeps the active trainable copies); ``merge=False`` restores the base model exactly as it
-    was, up to float rounding of earlier merges. Returns the plain model.
+    was, up to float rounding of earlier merges. Returns the plain model. An adapter initialised
+    from the base weight (PiSSA, OLoRA) that is not merged gives back the part of W it took.
 
     A quantized base layer (bitsandbytes 4-bit or 8-bit) is never merged into: with ``merge=True``
     it is replaced by a dense ``nn.Linear`` holding its dequantized weight plus ΔW (summed in
@@ -333,6 +347,8 @@ def unload(model: nn.Module, merge: bool = True, *, dense_dtype: torch.dtype | N
                 module.unmerge(unmerge_rest)
             else:
                 module.unmerge()
+            for a in [a for a in module.lora_initial if a not in module.merged_adapters]:
+                module.restore_base(a)  # PiSSA/OLoRA: W_res + s·B0·A0 = W; a merged one keeps W_res + s·B·A
             _replace(model, module_name, module.base_layer)
         else:
             _replace(model, module_name, module.current() if merge else module.original_module)

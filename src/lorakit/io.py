@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -20,12 +21,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .config import ConfigError, LoraConfig, name_matches
+from .config import ConfigError, LoraConfig, init_from_weight, name_matches
 from .files import atomic_write_files
 from .inject import (_base_of, _find_saved, check_adapter_name, delete_adapter, find_targets, inject, lora_modules,
-                     lora_state, new_layer, walk)
+                     lora_state, new_layer, variant_name, walk)
 from .layers import LoraLayer, LoraSlicedLinear, TrainableCopy, factor_key, kind_of, peft_factor_keys
 from .layers.quantized import is_quantized_layer
+from . import variants
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -41,11 +43,17 @@ class AdapterFileError(ValueError):
 # --- save -------------------------------------------------------------------------------------
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default", *,
-                 base_model_name_or_path: str | None = None) -> Path:
+                 base_model_name_or_path: str | None = None, convert_to_lora: bool = False) -> Path:
     """Write adapter ``name`` as a PEFT adapter directory (created if missing). Returns the path.
 
     ``base_model_name_or_path`` (which base the adapter is for) defaults, as in PEFT, to the
-    model's ``name_or_path``: what transformers' from_pretrained or lorakit's loaders recorded."""
+    model's ``name_or_path``: what transformers' from_pretrained or lorakit's loaders recorded.
+
+    ``convert_to_lora=True``, for an adapter initialised with PiSSA or OLoRA (whose A and B apply to
+    the residual base weight this model now holds), writes it as a plain LoRA of rank 2r for the
+    untouched base model instead: A' = [A; A0], B' = [B | −B0], r and α doubled (α·√2 with
+    ``use_rslora``) so the scaling stays, init "kaiming" (PEFT's ``save_pretrained(...,
+    path_initial_model_for_weight_conversion=...)``). It loads anywhere a LoRA loads."""
     if base_model_name_or_path is None:
         recorded = model.__dict__.get("name_or_path")  # "" for a model built from a config
         base_model_name_or_path = str(recorded) if recorded else None
@@ -53,7 +61,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     if name not in state.configs:
         raise KeyError(f"no adapter {name!r} on this model; it has {list(state.configs)}")
     config = state.configs[name]
-    tensors = adapter_state_dict(model, name)
+    if convert_to_lora:
+        if not init_from_weight(config.init):
+            raise ValueError(f"adapter {name!r} has init={config.init!r}: it applies to the untouched base model "
+                             f"already; convert_to_lora is for adapters initialised with 'pissa' or 'olora'")
+        config = as_plain_lora_config(config)
+    tensors = adapter_state_dict(model, name, convert_to_lora=convert_to_lora)
 
     peft_json = config.to_peft_dict(base_model_name_or_path=base_model_name_or_path,
                                     fan_in_fan_out=_has_transposed_targets(model, name))
@@ -81,18 +94,24 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     return out
 
 
-def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """Adapter ``name``'s tensors under PEFT's key names (contiguous copies, safe to save)."""
+def adapter_state_dict(model: nn.Module, name: str, *, convert_to_lora: bool = False) -> dict[str, torch.Tensor]:
+    """Adapter ``name``'s tensors under PEFT's key names (contiguous copies, safe to save);
+    ``convert_to_lora``: a PiSSA/OLoRA adapter's factors as the rank-2r plain LoRA (`save_adapter`)."""
     config = lora_state(model).configs[name]
     tensors: dict[str, torch.Tensor] = {}
     for module_name, module in lora_modules(model):
         key = PREFIX + module_name
         if isinstance(module, LoraLayer) and name in module.lora_A:
-            A, B = module.dense_factors(name) if isinstance(module, LoraSlicedLinear) \
-                else (module.lora_A[name], module.lora_B[name])
+            if convert_to_lora:
+                A, B = module.plain_lora_factors(name)
+            else:
+                A, B = module.dense_factors(name) if isinstance(module, LoraSlicedLinear) \
+                    else (module.lora_A[name], module.lora_B[name])
             key_a, key_b = peft_factor_keys(module)  # each layer kind owns its PEFT key names
             tensors[f"{key}.{key_a}"] = A
             tensors[f"{key}.{key_b}"] = B
+            for suffix, value in module.variants[name].extra_tensors(module, name).items():
+                tensors[f"{key}.{suffix}"] = value  # DoRA: <module>.lora_magnitude_vector, as PEFT writes it
             bias = getattr(module.base_layer, "bias", None)
             if config.bias == "lora_only" and bias is not None:
                 tensors[f"{key}.base_layer.bias"] = bias
@@ -105,6 +124,16 @@ def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
             if param_name.endswith("bias") and not inside_copy and ".lora_" not in param_name:
                 tensors[PREFIX + param_name] = value
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+
+
+def as_plain_lora_config(config: LoraConfig) -> LoraConfig:
+    """The config of a PiSSA/OLoRA adapter written as plain LoRA: every rank doubled, every α scaled
+    so that each module keeps its scaling (×2 for α/r; ×√2 for α/√r with rslora, where PEFT
+    doubles the alpha_pattern values too and so refuses rslora beside patterns), init "kaiming"."""
+    factor = math.sqrt(2) if config.use_rslora else 2.0
+    return config.replace(r=2 * config.r, alpha=config.alpha * factor, init="kaiming",
+                          rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+                          alpha_pattern={k: v * factor for k, v in config.alpha_pattern.items()})
 
 
 def _has_transposed_targets(model: nn.Module, name: str) -> bool:
@@ -244,6 +273,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
                 elif kind == "lora" and not isinstance(module, LoraSlicedLinear):
                     table = module.lora_A if attr == "A" else module.lora_B
                     table[name].copy_(value)
+                elif kind == "extra":  # a variant's own tensor (DoRA: lora_magnitude_vector)
+                    getattr(module, attr)[name].copy_(value)
                 elif kind == "saved":
                     _tensor(module.modules_to_save[name], attr).copy_(value)
                 elif kind == "base":
@@ -281,6 +312,7 @@ def _plan(model, config, tensors, probes, saved, weights_file) -> dict:
     that does not fit. Nothing is modified."""
     plan: dict[Any, tuple[str, str, str, torch.Tensor]] = {}
     shapes = {n: _stored_shapes(layer, config.rank_for(n)) for n, layer in probes.items()}
+    variant = variants.get(variant_name(config))
     # Frozen originals of modules_to_save, by storage: a tied weight (lm_head = embed_tokens) is one.
     originals = {t.data_ptr(): n for n, m in saved.items() for t in _base_of(m).parameters()}
     for key, value in tensors.items():
@@ -305,6 +337,16 @@ def _plan(model, config, tensors, probes, saved, weights_file) -> dict:
             expected = shapes[module_name][0 if attr == "A" else 1]
             _check_shape(weights_file, key, module_name, model, value, expected)
             plan[(attr, module_name)] = ("lora", module_name, attr, value)
+            continue
+        module_name, _, suffix = rest.rpartition(".")
+        if module_name in probes and suffix in variants.extra_keys():
+            expected = variant.extra_shapes(probes[module_name])
+            if suffix not in expected:
+                raise AdapterFileError(f"{weights_file}: {key} is a {suffix} (a DoRA magnitude), but "
+                                       f"{weights_file.parent / CONFIG_NAME} has use_dora=false; the files come "
+                                       f"from different saves, or the JSON was edited")
+            _check_shape(weights_file, key, module_name, model, value, expected[suffix])
+            plan[(suffix, module_name)] = ("extra", module_name, suffix, value)
             continue
         owner_name = next((n for n in saved if rest.startswith(n + ".")), None)
         if owner_name is not None:
@@ -341,6 +383,11 @@ def _plan(model, config, tensors, probes, saved, weights_file) -> dict:
         plan[key] = ("base", module_name, param, value)
     missing = [f"{n}.{k}" for n, layer in probes.items() for w, k in zip("AB", peft_factor_keys(layer))
                if (w, n) not in plan]
+    lacking = [f"{n}.{k}" for n, layer in probes.items() for k in variant.extra_shapes(layer) if (k, n) not in plan]
+    if lacking and not missing:
+        raise AdapterFileError(f"{weights_file}: the config has use_dora=true, but the file lacks the DoRA "
+                               f"magnitudes of {lacking[:5]}{' ...' if len(lacking) > 5 else ''}; save the "
+                               f"adapter again")
     if missing:
         raise AdapterFileError(f"{weights_file}: the config targets modules whose weights the file lacks: "
                                f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")

@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 from .. import variants
+from ..config import ConfigError, init_from_weight
 from ..routing import LayerRoute
+from .weight_init import InitialFactors, as_plain_lora, check_rank, factors_from_weight
 
 
 class MergeError(RuntimeError):
@@ -43,6 +45,13 @@ class LoraLayer(nn.Module):
         self.alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.variants: dict[str, variants.Variant] = {}
+        # DoRA's m (Liu et al. 2024, §4.1), for the adapters whose variant has one; PEFT's name
+        self.lora_magnitude_vector = nn.ParameterDict()
+        # What a merged adapter's variant needs to take it out again that the merged weight no longer
+        # holds (DoRA: the row norms ‖W0 + sBA‖ at merge time); set by merge, dropped by unmerge.
+        self.merge_state: dict[str, torch.Tensor] = {}
+        # PiSSA/OLoRA adapters (init_from_weight): their A0, B0, which the base weight no longer holds
+        self.lora_initial = nn.ModuleDict()
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
@@ -62,8 +71,26 @@ class LoraLayer(nn.Module):
         """ΔW of one adapter in the base weight's layout, in the adapter's dtype."""
         raise NotImplementedError
 
+    def weight_init_refusal(self) -> str | None:
+        """Why this kind cannot take A and B from its base weight (PiSSA, OLoRA), or None if it can."""
+        return (f"lorakit (like PEFT) does that for nn.Linear and Conv1D layers only, and this is a "
+                f"{type(self.base_layer).__name__}: leave it out of target_modules or use init='kaiming'")
+
+    def check_init(self, r: int, init: str) -> None:
+        """Raise a ConfigError when ``init`` cannot start a rank-r adapter on this layer; changes nothing.
+        `inject` asks every target before it touches one, as PiSSA/OLoRA rewrite base weights."""
+        if not init_from_weight(init):
+            return
+        why = self.weight_init_refusal()
+        if why is not None:
+            raise ConfigError(f"{self.module_name}: init={init!r} takes A and B from the base weight; {why}")
+        check_rank(init, tuple(self.as_dense(self.base_weight).shape), r, self.module_name)
+
     def init_adapter(self, name: str, init: str) -> None:
-        """§4.1: B = 0, so ΔW = 0 and the adapted model equals the base model at step 0."""
+        """§4.1: B = 0, so ΔW = 0 and the adapted model equals the base model at step 0. PiSSA and
+        OLoRA instead take A and B from W and leave W − s·B·A in the base: ΔW = 0 all the same."""
+        if init_from_weight(init):
+            return self._init_from_weight(name, init)
         A, B = self.lora_A[name], self.lora_B[name]
         with torch.no_grad():
             if init == "gaussian":
@@ -72,11 +99,72 @@ class LoraLayer(nn.Module):
                 nn.init.kaiming_uniform_(A, a=math.sqrt(5))
             nn.init.zeros_(B)
 
+    @torch.no_grad()
+    def _init_from_weight(self, name: str, init: str) -> None:
+        weight = self.base_weight
+        dense = self.as_dense(weight)  # (d_out, d_in)
+        A, B = self.lora_A[name], self.lora_B[name]
+        A0, B0 = factors_from_weight(init, dense, self.rank[name], self.scaling[name], self.module_name)
+        A.copy_(A0)
+        B.copy_(B0)
+        # The residual from the factors as stored (an adapter dtype below float32 rounds them), so
+        # W_res + s·B·A is W at step 0 up to the rounding of the base dtype.
+        residual = dense.to(A0.dtype) - self.scaling[name] * (B.to(A0.dtype) @ A.to(A0.dtype))
+        weight.copy_(self.from_dense(residual).to(weight.dtype))
+        self.lora_initial[name] = InitialFactors(A.detach().clone(), B.detach().clone())
+
+    @torch.no_grad()
+    def restore_base(self, name: str) -> None:
+        """W ← W + s·B0·A0 for an adapter whose init (PiSSA, OLoRA) took that part of W, and forget
+        its initial factors; nothing for other adapters. Deleting or unloading the adapter calls it,
+        so the base weight is W again, up to the rounding of the base dtype."""
+        if name not in self.lora_initial:
+            return
+        initial = self.lora_initial.pop(name)
+        weight = self.base_weight
+        acc = self.as_dense(weight).to(torch.promote_types(weight.dtype, torch.float32))
+        acc = acc + self.scaling[name] * (initial.B.to(acc.dtype) @ initial.A.to(acc.dtype))
+        weight.copy_(self.from_dense(acc).to(weight.dtype))
+
+    def plain_lora_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A PiSSA/OLoRA adapter as a plain LoRA of rank 2r on the untouched base weight, same scaling:
+        (A', B') = ([A; A0], [B | −B0]), so s·B'·A' = s·(B·A − B0·A0) (`weight_init.as_plain_lora`)."""
+        if name not in self.lora_initial:
+            raise ValueError(f"{self.module_name}: adapter {name!r} did not take its A and B from the base weight "
+                             f"(init 'pissa' or 'olora'), so it is a plain LoRA already")
+        if not self.variants[name].additive:  # DoRA: W_res's norm enters the output, BA − B0A0 is not all
+            raise ValueError(f"{self.module_name}: adapter {name!r} is a {self.variants[name].name} adapter, whose "
+                             f"output is not W·x + s·B·A·x, so it cannot be written as a plain LoRA")
+        initial = self.lora_initial[name]
+        return as_plain_lora(self.lora_A[name], self.lora_B[name], initial.A, initial.B)
+
     # --- adapters ------------------------------------------------------------------------------
 
     @property
     def base_weight(self) -> torch.Tensor:
         return self.base_layer.weight
+
+    def as_dense(self, weight: torch.Tensor) -> torch.Tensor:
+        """A weight in the base layer's layout as the (d_out, d_in) matrix of eq. 3 (a view)."""
+        return weight
+
+    def from_dense(self, dense: torch.Tensor) -> torch.Tensor:
+        """The inverse of ``as_dense``: a (d_out, d_in) matrix in the base layer's layout."""
+        return dense
+
+    @torch.no_grad()
+    def unmerged_base_weight(self) -> torch.Tensor:
+        """W0 in the base layer's layout, as if no adapter were merged: the base weight itself when
+        none is, else a float32 copy with the merged adapters taken out, the last merged first.
+        A variant whose output depends on W0 (DoRA's norm) reads it here, so its outputs and its merge
+        agree however many adapters are merged."""
+        weight = self.base_weight
+        if not self.merged_adapters:
+            return weight
+        acc = weight.to(torch.promote_types(weight.dtype, torch.float32), copy=True)
+        for name in reversed(self.merged_adapters):
+            acc = self.variants[name].unmerged_weight(self, name, acc)
+        return acc
 
     @property
     def adapter_names(self) -> list[str]:
@@ -89,6 +177,7 @@ class LoraLayer(nn.Module):
             raise ValueError(f"{self.module_name}: adapter {name!r} already exists; delete it first "
                              f"or pick another name")
         kind = variants.get(variant)
+        self.check_init(r, init)
         shape_a, shape_b = self.adapter_shapes(r)
         device = self.base_weight.device
         self.lora_A[name] = nn.Parameter(torch.empty(shape_a, dtype=dtype, device=device))
@@ -98,13 +187,20 @@ class LoraLayer(nn.Module):
         self.alpha[name] = alpha
         self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.variants[name] = kind
-        kind.init(self, name, init)
+        try:
+            kind.init(self, name, init)
+        except Exception:  # e.g. PiSSA with r above the weight's smaller side: no half-made adapter stays
+            self.delete_adapter(name)
+            raise
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             self.unmerge([name])
+        self.restore_base(name)
         for table in (self.lora_A, self.lora_B, self.lora_dropout):
             del table[name]
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
         for table in (self.rank, self.alpha, self.scaling, self.variants):
             del table[name]
         if name in self.active_adapters:
@@ -139,20 +235,46 @@ class LoraLayer(nn.Module):
     # --- merge / unmerge -----------------------------------------------------------------------
 
     def merge(self, names: Iterable[str] | None = None, *, safe: bool = True) -> None:
-        """W ← W + ΔW for each named (default: active) adapter not merged yet; idempotent."""
-        for name in list(self.active_adapters if names is None else names):
-            if name in self.merged_adapters:
-                continue
+        """W ← W + ΔW for each named (default: active) adapter not merged yet; idempotent.
+
+        Adapters that are not additive (DoRA rescales W) do not commute: they go into W in the order
+        the forward applies them (``active_adapters``; others after them), so that merged outputs
+        equal unmerged ones; merged adapters that come later in that order come out first."""
+        new = [n for n in dict.fromkeys(self.active_adapters if names is None else names)
+               if n not in self.merged_adapters]
+        if not new:
+            return
+        wanted = self.merged_adapters + new
+        if not all(self.variants[n].additive for n in wanted):
+            order = {n: i for i, n in enumerate(self.active_adapters)}
+            wanted = sorted(wanted, key=lambda n: order.get(n, len(order)))  # stable: the rest keep their order
+            keep = 0
+            while keep < len(self.merged_adapters) and self.merged_adapters[keep] == wanted[keep]:
+                keep += 1
+            if keep < len(self.merged_adapters):
+                self.unmerge(self.merged_adapters[keep:])
+            new = wanted[keep:]
+        for name in new:
             self._add_to_weight(name, sign=+1, safe=safe)
             self.merged_adapters.append(name)
 
     def unmerge(self, names: Iterable[str] | None = None) -> None:
-        """W ← W − ΔW for each named (default: every merged) adapter; idempotent."""
-        for name in list(self.merged_adapters if names is None else names):
-            if name not in self.merged_adapters:
-                continue
+        """W ← W − ΔW for each named (default: every merged) adapter; idempotent.
+
+        Merges are undone last in, first out, where the order matters: a variant that is not
+        additive (DoRA rescales the whole weight) only inverts on the weight its merge produced, so
+        the adapters merged after it come out first and go back in afterwards."""
+        targets = [n for n in (self.merged_adapters if names is None else names) if n in self.merged_adapters]
+        if not targets:
+            return
+        first = min(self.merged_adapters.index(n) for n in targets)
+        later = self.merged_adapters[first:]
+        if all(self.variants[n].additive for n in later):  # sums commute: take out just those named
+            later = [n for n in later if n in targets]
+        for name in reversed(later):
             self._add_to_weight(name, sign=-1, safe=False)
             self.merged_adapters.remove(name)
+        self.merge([n for n in later if n not in targets], safe=False)
 
     @torch.no_grad()
     def merged_weight(self, name: str, sign: int = +1) -> torch.Tensor:
@@ -165,11 +287,16 @@ class LoraLayer(nn.Module):
 
     @torch.no_grad()
     def _add_to_weight(self, name: str, sign: int, safe: bool) -> None:
+        state = self.variants[name].merge_state(self, name) if sign > 0 else None  # before W changes
         new = self.merged_weight(name, sign)
         if safe and not torch.isfinite(new).all():
             raise MergeError(f"{self.module_name}: merging adapter {name!r} would write non-finite "
                              f"values into the base weight; the weight was left unchanged")
         self.base_weight.copy_(new.to(self.base_weight.dtype))
+        if state is not None:
+            self.merge_state[name] = state
+        elif sign < 0:
+            self.merge_state.pop(name, None)
 
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{n}(r={self.rank[n]}, s={self.scaling[n]:g})" for n in self.adapter_names)

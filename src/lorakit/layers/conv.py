@@ -29,6 +29,12 @@ class LoraConv(LoraLayer):
         hidden = self.base_layer._conv_forward(self._input_for(x, name), self.lora_A[name], None)
         return _pointwise(hidden, self.lora_B[name]) * self.scaling[name]
 
+    def as_dense(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.flatten(1)  # (c_out, c_in, *k) -> (c_out, c_in·k…)
+
+    def from_dense(self, dense: torch.Tensor) -> torch.Tensor:
+        return dense.reshape(self.base_layer.weight.shape)
+
     def delta_weight(self, name: str) -> torch.Tensor:
         return conv_delta_weight(self.lora_A[name], self.lora_B[name], self.scaling[name])
 

@@ -22,6 +22,12 @@ class LoraEmbedding(LoraLayer):
         num_embeddings, dim = self.base_layer.weight.shape
         return (r, num_embeddings), (dim, r)
 
+    def as_dense(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.t()  # (vocab, d) -> (d, vocab), the layout of B·A
+
+    def from_dense(self, dense: torch.Tensor) -> torch.Tensor:
+        return dense.t()
+
     def init_adapter(self, name: str, init: str) -> None:
         with torch.no_grad():
             nn.init.zeros_(self.lora_A[name])

@@ -103,6 +103,15 @@ class LoraLinear(LoraLayer):
     def adapter_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (r, self.in_features), (self.out_features, r)
 
+    def weight_init_refusal(self) -> str | None:
+        return None  # PiSSA/OLoRA (layers/weight_init.py) on W as (d_out, d_in): a Conv1D's is transposed first
+
+    def as_dense(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.t() if self.fan_in_fan_out else weight  # Conv1D stores (d_in, d_out)
+
+    def from_dense(self, dense: torch.Tensor) -> torch.Tensor:
+        return dense.t() if self.fan_in_fan_out else dense
+
     def adapter_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return lora_delta(self._input_for(x, name), self.lora_A[name], self.lora_B[name], self.scaling[name])
 

@@ -155,6 +155,12 @@ class LoraQuantizedLinear(LoraLinear):
         # The logical shape: the packed storage says nothing about it.
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
 
+    def weight_init_refusal(self) -> str | None:
+        # PEFT dequantizes for OLoRA and refuses PiSSA; lorakit never writes a packed weight.
+        return (f"this is a quantized bitsandbytes {type(self.base_layer).__name__}, whose packed weight lorakit "
+                f"never rewrites: load the base unquantized to use PiSSA/OLoRA, or use init='kaiming' on the "
+                f"quantized base (QLoRA)")
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.training and torch.is_grad_enabled() and is_repacked_for_cpu(self.base_layer):
             raise RuntimeError(f"{self.module_name}: bitsandbytes repacked this 4-bit weight for its CPU inference "
@@ -170,6 +176,11 @@ class LoraQuantizedLinear(LoraLinear):
     def dequantized_weight(self) -> torch.Tensor:
         """Q(W0) as a dense (d_out, d_in) float32 tensor (a new one, each call)."""
         return dense_weight(self.base_layer).float()
+
+    @torch.no_grad()
+    def unmerged_base_weight(self) -> torch.Tensor:
+        """Q(W0), dense: nothing is ever merged into the packed weight."""
+        return self.dequantized_weight()
 
     @torch.no_grad()
     def merged_weight(self, name: str, sign: int = +1) -> torch.Tensor:

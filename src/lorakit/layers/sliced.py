@@ -39,6 +39,11 @@ class LoraSlicedLinear(LoraLayer):
     def n_adapted(self) -> int:
         return sum(self.slices)
 
+    def weight_init_refusal(self) -> str | None:
+        return (f"lorakit does not do that for slices of a fused projection (fused_projections={list(self.slices)}): "
+                f"drop this module's fused_projections entry to adapt the whole layer (as PEFT does), or use "
+                f"init='kaiming'")
+
     def adapter_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (self.n_adapted * r, self.in_features), (self.n_adapted * self.slice_size, r)
 

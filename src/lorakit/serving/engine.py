@@ -30,6 +30,11 @@ never drifts); off by default, since a merged weight is rounded once into the ba
 On a CUDA device decode steps run on fixed buckets replayed as CUDA graphs (`graphs.py`), and
 every forward (prefill too, eagerly) takes the dense segmented op, which needs no host sync.
 
+An adapter saved with prefix embeddings (`lorakit.prefix`, train --n-prefix) gets them in front of
+each of its prompts: the request's prompt starts with n_prefix placeholder ids (so every length
+and cache position counts them), and its prefill embeds the prompt with those places overwritten
+by the adapter's prefix rows (one inputs_embeds forward for the whole joining batch).
+
 Not built yet: the Triton kernels, chunked prefill mixed into the decode forward.
 """
 
@@ -46,6 +51,7 @@ from torch import nn
 
 from ..data import encode_prompt
 from ..inject import lora_modules
+from ..prefix import load_prefix, model_hidden_size
 from .bank import AdapterBank
 from .graphs import DecodeGraphs
 from .kv_cache import CacheWindow, SlotCache
@@ -108,6 +114,7 @@ class Engine:
         self.bank = AdapterBank(structure_copy(model), max_adapters=max_adapters, max_rank=max_rank,
                                 dtype=_float_dtype(model), device=self.device)
         self.route = SlotRoute()
+        self.prefixes: dict[str, torch.Tensor] = {}  # adapter name -> its prefix embeddings (n, hidden)
         self.merge_single_adapter = merge_single_adapter
         self.merged = MergedWeights(model)
         self.cache = SlotCache.for_model(config, slots=max_batch, max_seq_len=max_seq_len, dtype=_float_dtype(model),
@@ -137,11 +144,16 @@ class Engine:
     def add_adapter(self, name: str, path: str | os.PathLike | AdapterFactors) -> None:
         """Load a PEFT/lorakit LoRA adapter directory for this base model as ``name``. A refused
         adapter (`io.AdapterFileError`, `reader.AdapterRefused`) leaves the engine as it was; ``path``
-        may also be what `read_adapter` returned. Any
+        may also be what `read_adapter` returned. Prefix embeddings saved beside the adapter
+        (``prefix_embeddings.safetensors``) are read too and go in front of its prompts. Any
         number of adapters can be added; ``max_adapters`` of them are in the bank's slots at a time,
         and joining requests take the slots of the least recently used adapters that no running
         request uses (see `bank.py`). Requests already running are not affected."""
+        source = path.path if isinstance(path, AdapterFactors) else path
+        prefix = load_prefix(source, hidden_size=model_hidden_size(self.model))  # refused before the bank changes
         self.bank.add(name, path)
+        if prefix is not None:
+            self.prefixes[name] = prefix.weight.detach().to(self.device, _float_dtype(self.model))
         self._install()
 
     def remove_adapter(self, name: str) -> None:
@@ -150,6 +162,7 @@ class Engine:
             raise ValueError(f"adapter {name!r} is in use by requests {users}; cancel them or let them finish first")
         self.merged.use(None, self.bank)
         self.bank.remove(name)
+        self.prefixes.pop(name, None)
         self._install()
         self.merged.keep_only(self.bank.modules)
 
@@ -160,6 +173,7 @@ class Engine:
         self.merged.use(None, self.bank)
         for name in self.bank.names:
             self.bank.remove(name)
+        self.prefixes.clear()
         uninstall(self.model)
         if self.graphs is not None:
             self.graphs.clear()
@@ -286,6 +300,9 @@ class Engine:
                   top_p: float, seeds: list[int | None], stop, ignore_eos: bool) -> list[Request]:
         """Checked requests, none queued yet: a bad argument refuses them all."""
         self._check_adapters(adapters, len(ids))
+        # placeholders for an adapter's prefix embeddings (filled in at prefill): they count as prompt tokens
+        ids = [[self._pad_id()] * len(self.prefixes[a]) + list(p) if a in self.prefixes else p
+               for p, a in zip(ids, adapters)]
         stops = stop_strings(stop)
         if stops and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer to decode the outputs; make the Engine with one")
@@ -377,15 +394,28 @@ class Engine:
         # logits_to_keep means that in every transformers version (a per-row index tensor does not).
         kept = width - min(len(r.prompt) for r in requests) + 1
         window = self.cache.open(requests[0].row, [0] * len(requests), width)
-        logits = self._forward(ids.to(self.device), window, requests, keep=kept)
+        ids = ids.to(self.device)
+        logits = self._forward(ids, window, requests, keep=kept, inputs_embeds=self._prefixed_embeds(ids, requests))
         first = width - logits.shape[1]  # 0 when the model gave every position's logits
         last = torch.tensor([[len(r.prompt) - 1 - first] for r in requests], device=self.device)  # (k, 1)
         logits = logits.gather(1, last[..., None].expand(-1, -1, logits.shape[-1]))
         return logits[:, 0]
 
+    def _prefixed_embeds(self, ids: torch.Tensor, requests: list[Request]) -> torch.Tensor | None:
+        """The prefill's input embeddings (k, T, H) with each prefixed request's placeholders (its
+        first n_prefix columns) replaced by its adapter's prefix rows; None when no request has one."""
+        rows = [(i, self.prefixes[r.adapter]) for i, r in enumerate(requests) if r.adapter in self.prefixes]
+        if not rows:
+            return None
+        embeds = self.model.get_input_embeddings()(ids)                                   # (k, T, H)
+        for i, prefix in rows:
+            embeds[i, :prefix.shape[0]] = prefix.to(embeds.dtype)
+        return embeds
+
     def _forward(self, input_ids: torch.Tensor, window: CacheWindow, requests: list[Request],
-                 keep: int = 1) -> torch.Tensor:
-        """One forward through the cache window, each row through its request's adapter: logits."""
+                 keep: int = 1, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """One forward through the cache window, each row through its request's adapter: logits.
+        With ``inputs_embeds`` (a prefill with prefix embeddings), those go in instead of the ids."""
         kw = {self._cache_argument: self.cache}
         if self._keeps_logits:
             kw["logits_to_keep"] = keep  # the last `keep` positions
@@ -395,8 +425,9 @@ class Engine:
         routed = self.route.rows(torch.tensor(slots, device=self.device), input_ids.shape[1], dense=dense) \
             if any(s >= 0 for s in slots) else contextlib.nullcontext()
         try:
+            inputs = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
             with routed:
-                out = self.model(input_ids=input_ids, attention_mask=window.attention_mask(self.cache.dtype),
+                out = self.model(**inputs, attention_mask=window.attention_mask(self.cache.dtype),
                                  position_ids=window.positions(), use_cache=True, **kw)
         finally:
             self.cache.window = None

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .. import io
-from ..config import LoraConfig
+from ..config import LoraConfig, init_from_weight
 from ..layers import LoraLinear
 
 
@@ -69,10 +69,11 @@ def read_adapter_factors(skeleton: nn.Module, path: str | os.PathLike) -> Adapte
     """Read adapter ``path`` for the base model that ``skeleton`` (a `structure_copy`) describes.
 
     Raises `io.AdapterFileError` for a file or config that does not load (corrupt safetensors, a
-    variant such as DoRA, keys or shapes of another model) and `AdapterRefused` for an adapter that
-    loads in lorakit but cannot be mixed per row: one that writes base weights (``bias="all"`` or
-    ``"lora_only"`` with biases in the file, ``modules_to_save``), adapts embeddings or other
-    non-linear layers, uses ``fused_projections`` slices, or holds non-finite values."""
+    variant lorakit does not implement, keys or shapes of another model) and `AdapterRefused` for an
+    adapter that loads in lorakit but cannot be mixed per row: a DoRA one, one that writes base
+    weights (``bias="all"`` or ``"lora_only"`` with biases in the file, ``modules_to_save``), adapts
+    embeddings or other non-linear layers, uses ``fused_projections`` slices, or holds non-finite
+    values."""
     checked = io.check_adapter(skeleton, path)
     config, config_file, weights_file = checked.config, checked.config_file, checked.weights_file
     if config.modules_to_save:
@@ -82,6 +83,16 @@ def read_adapter_factors(skeleton: nn.Module, path: str | os.PathLike) -> Adapte
                              f"the merged model instead)")
     if config.fused_projections:
         raise AdapterRefused(f"{config_file}: fused_projections slices are not supported by the serving bank yet")
+    if init_from_weight(config.init):
+        raise AdapterRefused(f"{config_file}: init_lora_weights={config.init!r}: this PiSSA/OLoRA adapter applies to "
+                             f"the residual base its init leaves (W − s·B0·A0), not to the base model the bank "
+                             f"serves; save it with lorakit.save_adapter(..., convert_to_lora=True) (lorakit train "
+                             f"does) and serve that")
+    if config.use_dora:
+        raise AdapterRefused(f"{config_file}: use_dora=true: a DoRA adapter rescales each layer's base output "
+                             f"(W' = m·(W0 + s·B·A)/‖W0 + s·B·A‖), so it is not a low-rank term the bank can "
+                             f"add per row; merge it into the base (`lorakit merge`, or lorakit.unload(model, "
+                             f"merge=True)) and serve the merged model instead")
     probes, plan = checked.layers, checked.plan
     other = {n: type(p).__name__ for n, p in probes.items() if type(p) is not LoraLinear}
     if other:

@@ -52,7 +52,7 @@ class Request:
     """One prompt on its way through the engine. Read ``tokens`` (the new ids so far), ``text`` (the
     released text, when the engine has a tokenizer) and ``finish_reason`` (None while it runs)."""
 
-    prompt: list[int]
+    prompt: list[int]                   # after n_prefix placeholder ids if its adapter has prefix embeddings
     adapter: str | None                 # None: the base model
     params: SamplingParams
     generator: torch.Generator | None   # None when greedy

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..prefix import PrefixEmbedding, prefix_batch
 from . import distributed
 from .loss import LossFn, compute_loss
 
@@ -54,16 +55,17 @@ def one_pass(batches: Iterable[Mapping[str, torch.Tensor]]) -> Iterator[Mapping[
 @torch.no_grad()
 def evaluate(model: nn.Module, eval_batches: Iterable[Mapping[str, torch.Tensor]] | None, *,
              eval_fn: EvalFn | None = None, loss_fn: LossFn | None = None, d: distributed.Dist = distributed.Dist(),
-             device: torch.device = torch.device("cpu"), autocast: Callable[[], Any] = contextlib.nullcontext
-             ) -> dict[str, float]:
-    """Metrics named `eval_*`; the model is left in the mode it came in."""
+             device: torch.device = torch.device("cpu"), autocast: Callable[[], Any] = contextlib.nullcontext,
+             prefix: PrefixEmbedding | None = None) -> dict[str, float]:
+    """Metrics named `eval_*`; the model is left in the mode it came in. ``prefix`` (`lorakit.prefix`)
+    goes in front of every eval batch; `eval_fn` gets the model alone."""
     was_training = model.training
     model.eval()
     metrics: dict[str, float] = {}
     try:
         with preserved_rng(device):
             if eval_batches is not None:
-                metrics.update(_eval_loss(model, eval_batches, loss_fn, d, device, autocast))
+                metrics.update(_eval_loss(model, eval_batches, loss_fn, d, device, autocast, prefix))
             if eval_fn is not None and d.is_main:
                 with autocast():
                     extra = eval_fn(model)
@@ -74,7 +76,8 @@ def evaluate(model: nn.Module, eval_batches: Iterable[Mapping[str, torch.Tensor]
 
 
 def _eval_loss(model: nn.Module, eval_batches: Iterable[Mapping[str, torch.Tensor]], loss_fn: LossFn | None,
-               d: distributed.Dist, device: torch.device, autocast: Callable[[], Any]) -> dict[str, float]:
+               d: distributed.Dist, device: torch.device, autocast: Callable[[], Any],
+               prefix: PrefixEmbedding | None = None) -> dict[str, float]:
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, items, correct classes
     classes = False  # class-id labels: accuracy is reported too
     for batch in one_pass(eval_batches):
@@ -85,6 +88,8 @@ def _eval_loss(model: nn.Module, eval_batches: Iterable[Mapping[str, torch.Tenso
         if next(v for v in local.values() if isinstance(v, torch.Tensor)).shape[0] == 0:
             continue  # fewer rows than ranks: this one has none
         with autocast():
+            if prefix is not None:
+                local = prefix_batch(model, prefix, local)
             total, count, outputs = compute_loss(model, local, 0.0, loss_fn)
         sums[0] += total.double()
         sums[1] += count.double()

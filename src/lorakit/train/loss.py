@@ -41,9 +41,14 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor,
 
 
 def is_token_level(batch: Mapping[str, torch.Tensor]) -> bool:
-    """Labels shaped like input_ids are per-token targets (causal LM); (B,) are class ids."""
-    labels, ids = batch.get("labels"), batch.get("input_ids")
-    return labels is not None and ids is not None and labels.shape == ids.shape
+    """Labels shaped like input_ids (or like inputs_embeds' first two dims: a prefixed batch,
+    `lorakit.prefix`) are per-token targets (causal LM); (B,) are class ids."""
+    labels, ids, embeds = batch.get("labels"), batch.get("input_ids"), batch.get("inputs_embeds")
+    if labels is None:
+        return False
+    if ids is not None:
+        return labels.shape == ids.shape
+    return embeds is not None and labels.shape == embeds.shape[:2]
 
 
 def compute_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], label_smoothing: float = 0.0,

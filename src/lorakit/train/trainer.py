@@ -28,11 +28,13 @@ from tqdm.auto import tqdm
 
 from lorakit.adapters import trainable_parameters
 from lorakit.compiling import compile as compile_model
+from lorakit.config import init_from_weight
 from lorakit.files import fsync_directory
 from lorakit.hints import Setting
 from lorakit.inject import lora_modules, lora_state
 from lorakit.layers import LoraLayer
 from lorakit.io import save_adapter
+from lorakit.prefix import PrefixEmbedding, has_prefix, prefix_batch, prefix_path, save_prefix
 
 from . import distributed
 from .checkpoint import (ResumeError, capture_rng, check_fingerprint, find_checkpoint, load_checkpoint,
@@ -50,7 +52,7 @@ StepCallback = Callable[[int, Mapping[str, float]], None]
 def train(model: nn.Module, train_batches: Iterable[Mapping[str, torch.Tensor]], config: TrainConfig, *,
           eval_batches: Iterable[Mapping[str, torch.Tensor]] | None = None, eval_fn: EvalFn | None = None,
           loss_fn: LossFn | None = None, adapter_name: str | None = "default", resume: bool = False,
-          on_step: StepCallback | None = None) -> TrainResult:
+          on_step: StepCallback | None = None, prefix: PrefixEmbedding | None = None) -> TrainResult:
     """Train the trainable parameters of `model` (an adapter injected with `lorakit.inject`).
 
     `train_batches` yields collated global batches of `config.batch_size` examples, endlessly
@@ -79,18 +81,24 @@ def train(model: nn.Module, train_batches: Iterable[Mapping[str, torch.Tensor]],
     `config.fsdp` shards the model across the processes instead of copying it (FSDP2, see
     `distributed.shard_model`); the model is then left sharded, and the files are the same as
     under DDP: the whole adapter, gathered for rank 0 to write.
+
+    ``prefix`` (LoRA + prefix embeddings, `lorakit.prefix`; causal LMs, one process) is put in front
+    of every training and eval batch and trains with the adapter, in AdamW's matrix group; it is in
+    the checkpoints (resumed with the rest) and saved beside the adapter as
+    ``prefix_embeddings.safetensors`` (adapter/ and best/). ``eval_fn(model)`` gets the model alone:
+    a caller's eval_fn that generates should pass the prefix to `generate_ids` itself.
     """
     d, device, created_group = distributed.setup(config.device)
     try:
         return _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter_name, resume,
-                      on_step, d, device)
+                      on_step, d, device, prefix)
     finally:
         if created_group:
             torch.distributed.destroy_process_group()
 
 
 def _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter_name, resume, on_step,
-           d: distributed.Dist, device: torch.device) -> TrainResult:
+           d: distributed.Dist, device: torch.device, prefix: PrefixEmbedding | None = None) -> TrainResult:
     out = Path(config.out_dir)
     paths = _run_paths(out)
     staging = None  # --overwrite: the folder the new run writes to until it replaces the old one
@@ -109,11 +117,14 @@ def _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter
         raise ValueError(f"train_batches yields batches of {train_batches.batch_size} examples but config.batch_size "
                          f"is {config.batch_size}; build Batches(examples, config.batch_size, ...)")
     fsdp = config.fsdp and d.enabled
+    if prefix is not None:
+        _check_prefix(prefix, adapter_name, d)
+        prefix.to(device)
     if fsdp:
         _check_fsdp(adapter_name, eval_batches, eval_fn, d)
     else:
         model.to(device)  # under FSDP each block moves as it is sharded: the whole model never is on device
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    named = _trainable(model, prefix)
     if not named:
         raise ValueError("the model has no trainable parameters; inject an adapter with lorakit.inject first")
     names, params = _in_optimizer_order(named, _lora_b_ids(model, config))
@@ -122,7 +133,11 @@ def _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter
         raise ValueError("train_batches has no length, so epochs cannot be counted; set config.max_steps")
     total_steps = config.max_steps or max(1, int(config.epochs * per_epoch) // config.grad_accum)
     n_trainable, n_total = trainable_parameters(model)
+    if prefix is not None:  # the prefix is trained, and no part of the model
+        n_trainable, n_total = n_trainable + prefix.weight.numel(), n_total + prefix.weight.numel()
     fingerprint = _fingerprint(config, lora_config, adapter_name, named, d, train_batches)
+    if prefix is not None:  # only then: a checkpoint of a run without a prefix has no such key
+        fingerprint["n_prefix"] = prefix.n_prefix
 
     # --- a new run, or the continuation of one ----------------------------------------------
     step, tokens, best_loss, best_step, since_best, window = 0, 0, None, None, 0, [0.0, 0]
@@ -167,19 +182,32 @@ def _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter
     log.start(step if resume else None)
     run_info = {"config": config.to_json(), "adapter_name": adapter_name, "lora_config": fingerprint["lora"],
                 "trainable_parameters": n_trainable, "total_parameters": n_total,
+                "n_prefix": prefix.n_prefix if prefix is not None else 0,
                 "trainable_fraction": n_trainable / max(n_total, 1),
                 "adapter_bytes": sum(p.numel() * p.element_size() for p in params),
                 "model_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
                 "total_steps": total_steps, "world_size": d.world_size, "device": str(device),
                 "precision": "bf16 autocast" if bf16 else "float32", "compiled": compiled, "torch": torch.__version__,
                 "lorakit": _lorakit_version(), "resumed_from_step": step if resume else None}
+    converted = adapter_name is not None and _saved_converted(model, adapter_name)
+    if converted:  # PiSSA/OLoRA: the product is for the untouched base model (_save_product)
+        run_info["saved_adapter"] = {"converted_from": lora_config.init, "r": 2 * lora_config.r}
     if d.is_main:
         paths["run"].parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(paths["run"], run_info)
-    say(f"trainable parameters: {n_trainable:,} of {n_total:,} ({100 * n_trainable / max(n_total, 1):.3f}%); "
+    say(f"trainable parameters: {n_trainable:,} of {n_total:,} ({100 * n_trainable / max(n_total, 1):.3f}%)"
+        f"{f', {prefix.weight.numel():,} of them in {prefix.n_prefix} prefix embeddings' if prefix is not None else ''}; "
         f"{total_steps} steps of {config.batch_size}x{config.grad_accum} examples on {d.world_size} process(es)"
         f"{' (FSDP)' if fsdp else ''}, "
         f"{device}, {run_info['precision']}{', torch.compile' if compiled else ''}")
+    if converted:
+        say(f"init={lora_config.init!r} took A and B from the base weights and left W - s·B·A in them: adapter/ "
+            f"(and best/) will hold the adapter converted to a plain LoRA of rank 2·{lora_config.r} = "
+            f"{2 * lora_config.r} (A' = [A; A0], B' = [B | -B0], same scaling) for the untouched base model; "
+            f"checkpoint/ keeps the rank-{lora_config.r} factors, and --resume redoes the init")
+    elif lora_config is not None and init_from_weight(lora_config.init):
+        say(f"init={lora_config.init!r} with a variant that is not additive (DoRA) cannot be converted to plain "
+            f"LoRA: adapter/ will hold it as it is, which applies to the residual base (loading it redoes the init)")
 
     # --- the loop -----------------------------------------------------------------------------
     wrapped = distributed.wrap(model, d, device, fsdp=fsdp)
@@ -193,7 +221,7 @@ def _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter
     # lorakit.compile: torch.compile with the adapted layers' inputs remade in backward (compiling.py).
     forward = compile_model(wrapped) if compiled else wrapped
     # FSDP replaced the parameters with sharded ones (same names): the optimizer holds those.
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    named = _trainable(model, prefix)
     lora_b = _lora_b_ids(model, config)
     names, params = _in_optimizer_order(named, lora_b)
     optimizer = torch.optim.AdamW(_param_groups(params, config, lora_b), lr=config.lr, betas=config.betas,
@@ -227,6 +255,8 @@ def _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter
                 with distributed.gradient_sync(wrapped, d, now=i == len(micro) - 1), \
                         _compile_hint(compiled and first_step_s is None):
                     with autocast():
+                        if prefix is not None:
+                            local = prefix_batch(model, prefix, local)
                         total, count, _ = compute_loss(forward, local, config.label_smoothing, loss_fn)
                     total.backward()  # the compiled backward is built here, at its first call
                 sums += torch.stack([total.detach().float(), torch.as_tensor(count, device=device).float()])
@@ -267,13 +297,13 @@ def _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter
             evaluated = evaluating and (step % config.eval_every == 0 or last_step)
             if evaluated:
                 eval_metrics = evaluate(model, eval_batches, eval_fn=eval_fn, loss_fn=loss_fn, d=d, device=device,
-                                        autocast=autocast)
+                                        autocast=autocast, prefix=prefix)
                 log.write({"step": step, **eval_metrics})
                 if "eval_loss" in eval_metrics:  # all-reduced: every rank takes the same decisions
                     if best_loss is None or eval_metrics["eval_loss"] < best_loss:
                         best_loss, best_step, since_best = eval_metrics["eval_loss"], step, 0
                         if config.keep_best:
-                            _save_product_on_main(model, named, paths["best"], adapter_name, d, fsdp)
+                            _save_product_on_main(model, named, paths["best"], adapter_name, d, fsdp, prefix)
                     else:
                         since_best += 1
                         stopped = config.early_stopping_patience is not None and \
@@ -308,7 +338,7 @@ def _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter
             shutil.rmtree(staging, ignore_errors=True)
 
     # --- the product ----------------------------------------------------------------------------
-    _save_product_on_main(model, named, paths["adapter"], adapter_name, d, fsdp)
+    _save_product_on_main(model, named, paths["adapter"], adapter_name, d, fsdp, prefix)
     if d.is_main:
         plot = plot_losses(paths["metrics"], paths["plot"])
     distributed.barrier(d)
@@ -427,6 +457,24 @@ def _param_groups(params: list[nn.Parameter], config: TrainConfig, lora_b: froze
     return groups
 
 
+PREFIX_PARAM = "prefix_embeddings"  # the prefix's name in checkpoints (no model parameter has it)
+
+
+def _trainable(model: nn.Module, prefix: PrefixEmbedding | None) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of everything that trains: the model's, then the prefix's."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return named + ([(PREFIX_PARAM, prefix.weight)] if prefix is not None else [])
+
+
+def _check_prefix(prefix: PrefixEmbedding, adapter_name: str | None, d: distributed.Dist) -> None:
+    if d.enabled:
+        raise ValueError("n_prefix (prefix embeddings) trains in one process: its gradient is not reduced across "
+                         "DDP/FSDP processes; train without torchrun, or without n_prefix")
+    if adapter_name is None:
+        raise ValueError("n_prefix (prefix embeddings) trains with a LoRA adapter, and this run has none "
+                         "(adapter_name=None); inject an adapter")
+
+
 def _check_fsdp(adapter_name: str | None, eval_batches: Any, eval_fn: EvalFn | None, d: distributed.Dist) -> None:
     """What FSDP cannot do here, said before anything is sharded. Every forward of a sharded model
     is a collective: a rank that skips one (eval_fn runs on rank 0 only; a rank with no eval rows
@@ -448,11 +496,16 @@ def _check_fsdp(adapter_name: str | None, eval_batches: Any, eval_fn: EvalFn | N
 
 
 def _save_product_on_main(model: nn.Module, named: list[tuple[str, nn.Parameter]], path: Path,
-                          adapter_name: str | None, d: distributed.Dist, fsdp: bool) -> None:
+                          adapter_name: str | None, d: distributed.Dist, fsdp: bool,
+                          prefix: PrefixEmbedding | None = None) -> None:
     """Rank 0 writes the product; under FSDP every rank first helps gather the whole adapter."""
     if not fsdp:
         if d.is_main:
             _save_product(model, path, adapter_name)
+            if prefix is not None:
+                save_prefix(prefix, path, base_model=getattr(model.config, "_name_or_path", None) or None)
+            elif has_prefix(path):  # left by an earlier run there: generate would put it in front of this adapter
+                prefix_path(path).unlink()
         return
     full = distributed.full_tensors(dict(named))
     if d.is_main:
@@ -464,13 +517,23 @@ def _save_product(model: nn.Module, path: Path, adapter_name: str | None) -> Non
     """The adapter in PEFT format; for full fine-tuning (no adapter), the whole model as
     transformers writes it (safetensors), via a temp dir so a crash leaves no half-written model."""
     if adapter_name is not None:
-        save_adapter(model, path, adapter_name)
+        # PiSSA/OLoRA: A and B apply to the residual base in memory; the product is for the untouched base.
+        save_adapter(model, path, adapter_name, convert_to_lora=_saved_converted(model, adapter_name))
         return
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
+
+
+def _saved_converted(model: nn.Module, adapter_name: str) -> bool:
+    """Whether the run's product is a PiSSA/OLoRA adapter converted to plain LoRA (`save_adapter`'s
+    convert_to_lora): yes for an additive variant; DoRA's output is not W·x + s·B·A·x, so no."""
+    if not init_from_weight(lora_state(model).configs[adapter_name].init):
+        return False
+    return all(m.variants[adapter_name].additive for _, m in lora_modules(model)
+               if isinstance(m, LoraLayer) and adapter_name in m.variants)
 
 
 def _lorakit_version() -> str:

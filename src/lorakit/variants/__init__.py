@@ -6,6 +6,7 @@ is one new file that subclasses `Variant` and calls `register`."""
 from __future__ import annotations
 
 from .base import Variant
+from .dora import Dora
 from .lora import Lora
 
 _VARIANTS: dict[str, Variant] = {}
@@ -26,6 +27,12 @@ def get(name: str | Variant) -> Variant:
         raise ValueError(f"no LoRA variant named {name!r}; known: {sorted(_VARIANTS)}") from None
 
 
-LORA = register(Lora())
+def extra_keys() -> set[str]:
+    """The PEFT key suffixes of every registered variant's own tensors (DoRA: lora_magnitude_vector)."""
+    return {k for v in _VARIANTS.values() for k in v.extra_keys}
 
-__all__ = ["Variant", "Lora", "LORA", "register", "get"]
+
+LORA = register(Lora())
+DORA = register(Dora())
+
+__all__ = ["Variant", "Lora", "Dora", "LORA", "DORA", "register", "get"]

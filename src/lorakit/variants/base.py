@@ -22,6 +22,7 @@ class Variant:
 
     name = "variant"
     additive = False
+    extra_keys: tuple[str, ...] = ()  # the key suffixes of ``extra_tensors``
 
     def init(self, layer: LoraLayer, name: str, init: str) -> None:
         """Initialise A and B (and the variant's own tensors) after ``add_adapter`` made them."""
@@ -43,6 +44,15 @@ class Variant:
         """The inverse of ``merged_weight``."""
         return weight - self.delta_weight(layer, name).to(weight.dtype)
 
+    def merge_state(self, layer: LoraLayer, name: str) -> torch.Tensor | None:
+        """What ``unmerged_weight`` will need that the merged weight does not hold, taken just before
+        the merge; the layer keeps it in ``layer.merge_state[name]`` until the unmerge. None: nothing."""
+        return None
+
     def extra_tensors(self, layer: LoraLayer, name: str) -> dict[str, torch.Tensor]:
         """Tensors beside A and B, by their PEFT key suffix (DoRA: ``lora_magnitude_vector``)."""
+        return {}
+
+    def extra_shapes(self, layer: LoraLayer) -> dict[str, tuple[int, ...]]:
+        """The shapes of ``extra_tensors`` on ``layer`` (which needs no adapter): what a file must hold."""
         return {}
