@@ -9,12 +9,27 @@ Variants (``--variants``):
   ``lorakit.compile`` (``torch.compile`` whose partitioner may recompute the adapted layers' inputs
   in backward), or plain ``torch.compile`` with ``--recompute-inputs off``.
 - ``peft``: ``peft.get_peft_model`` with the same r, alpha and targets, dropout 0.
+- ``lorakit-dora``, ``peft-dora`` (not in the default list): the same with DoRA (``use_dora=True``).
 - ``full`` (not in the default list): every weight trains.
 
 Targets (``--targets``): ``all-linear`` (r=16, alpha 32) and ``qv`` (q_proj, v_proj; r=8, alpha 16).
 Modes: ``--compile off,on`` (``torch.compile(model)`` for floor and PEFT, ``--compile-mode``) × ``--autocast off,bf16``.
 Base weights bf16 on CUDA (fp32 on CPU), adapters as each library makes them (fp32), AdamW
-(``fused=True`` on CUDA), random batches, seeded random weights (``--shape``).
+(``fused=True`` on CUDA; ``--optimizer adamw8bit``: bitsandbytes' 8-bit AdamW), random batches,
+seeded random weights (``--shape``).
+
+QLoRA (``--quantize nf4|fp4|int8``, ``--double-quant``): the decoder's linear layers become
+bitsandbytes Linear4bit (compute dtype bf16 on CUDA, packed storage uint8) or Linear8bitLt, made
+by ``lorakit.quantize.quantize_model`` as ``lorakit train --quantize`` makes them, one decoder layer
+at a time (each layer's dense weights are freed once it is quantized); the output head stays dense.
+Floor, lorakit and PEFT rows get the same quantized base (PEFT wraps the bitsandbytes layers in its
+own QLoRA layers, as for a model transformers loaded in 4/8 bits). ``full`` cannot run on it.
+``--grad-checkpoint``: transformers' gradient checkpointing (non-reentrant) in every row, and every
+row's embeddings output requires grad, as the floor's does (the work of PEFT's
+``enable_input_require_grads``, without its hook). A row records the setting, the weights' bytes
+(``model_bytes``: parameters, buffers and quantization state; the base, before adapters) and, on
+CUDA, the build's peak memory. ``--compile on`` works on a quantized base, but bitsandbytes' layers
+may break the graph (the row's ``graph_breaks`` counts them); QLoRA rows are meant eager first.
 
 Each (shape, targets, variant, mode) row runs in a fresh process with its own empty compile cache,
 so peaks and caches do not leak between rows. A row times ``--warmup`` untimed steps (the first
@@ -34,6 +49,8 @@ the same batches, so machine noise hits each alike; it reports ratios of medians
     python benchmarks/train_speed.py --device cuda --shape tinyllama --time-budget 510
     python benchmarks/train_speed.py --device cuda --shape tinyllama,llama3-8b --time-budget 510 \\
         --resume benchmarks/results/train_speed_cuda.json
+    python benchmarks/train_speed.py --device cuda --shape llama3-8b --quantize nf4 --double-quant \\
+        --grad-checkpoint --compile off --autocast off --out benchmarks/results/train_speed_cuda_qlora.json
 
 Writes ``benchmarks/results/train_speed_<device>.json`` (``--out``), or
 ``train_interleaved_<device>.json`` for ``--interleave``.
@@ -44,6 +61,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -89,7 +107,8 @@ LORA = {  # --targets name -> (rank, alpha, target_modules)
     "all-linear": (16, 32, "all-linear"),
     "qv": (8, 16, ["q_proj", "v_proj"]),
 }
-VARIANTS = ("floor", "lorakit", "peft", "full")  # the order rows of one mode run in
+VARIANTS = ("floor", "lorakit", "peft", "lorakit-dora", "peft-dora", "full")  # the order rows of one mode run in
+ADAPTED = ("lorakit", "peft", "lorakit-dora", "peft-dora")  # the variants with targets
 
 
 @dataclass(frozen=True)
@@ -121,7 +140,7 @@ def plan(args) -> list[Row]:
         for targets in args.targets:
             for compiled, autocast in modes:
                 for variant in [v for v in VARIANTS if v in args.variants]:
-                    row = Row(shape, variant, targets if variant in ("lorakit", "peft") else None, compiled, autocast)
+                    row = Row(shape, variant, targets if variant in ADAPTED else None, compiled, autocast)
                     if row not in rows:
                         rows.append(row)
     return rows
@@ -150,6 +169,56 @@ def build_model(shape: Shape, args):
         torch.set_default_dtype(default)
 
 
+def base_model(shape: Shape, args):
+    """`build_model`, then ``--quantize`` and ``--grad-checkpoint`` applied: the base every row of a
+    run starts from."""
+    model = build_model(shape, args)
+    if args.quantize != "none":
+        quantize_base(model, args)
+    if args.grad_checkpoint:
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x; the old name warns
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def quantize_base(model, args) -> None:
+    """The decoder's linear layers in 4 or 8 bits, in place, by lorakit's own helper (what
+    ``lorakit train --quantize`` runs), one decoder layer at a time: the dense weights of a layer are
+    freed as soon as it is quantized, so an 8B model peaks at its bf16 size plus one layer, not at
+    bf16 plus 4 bits. The output head stays dense (the helper keeps it; it is outside the layers)."""
+    from lorakit.quantize import Quantization, quantize_model
+
+    q = Quantization(args.quantize, double_quant=args.double_quant,
+                     compute_dtype=torch.bfloat16 if args.device == "cuda" else None)  # CPU: the weights' fp32
+    for layer in model.model.layers:
+        quantize_model(layer, q)
+    # What transformers' bitsandbytes loader sets: PEFT reads it to wrap these layers in its QLoRA layers.
+    setattr(model, "is_loaded_in_8bit" if args.quantize == "int8" else "is_loaded_in_4bit", True)
+
+
+def input_requires_grad(row: Row, args) -> bool:
+    """Whether the row looks its embeddings up outside the model and makes them require grad
+    (`forward`): the floor always (its only gradients), and under gradient checkpointing every row
+    that does not train the embeddings, so that every row computes the same activation gradients."""
+    return row.variant == "floor" or (args.grad_checkpoint and row.variant != "full")
+
+
+def make_optimizer(params: list, args):
+    """AdamW on the trainable parameters (None for the floor): torch's, fused on CUDA, or
+    bitsandbytes' 8-bit AdamW (``--optimizer adamw8bit``; it keeps 32-bit state for tensors of
+    fewer than 4096 elements)."""
+    if not params:
+        return None
+    if args.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=1e-4)
+    return torch.optim.AdamW(params, lr=1e-4, fused=args.device == "cuda")
+
+
 def prepare(model, row: Row):
     """Set up the variant in place; returns (model, trainable parameters)."""
     if row.variant == "full":
@@ -158,21 +227,23 @@ def prepare(model, row: Row):
         model.requires_grad_(False)  # the embeddings' output requires grad instead, see `forward`
         return model, []
     r, alpha, targets = LORA[row.targets]
-    if row.variant == "peft":
+    dora = row.variant.endswith("-dora")
+    if row.variant.startswith("peft"):
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0))
+        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0,
+                                                 use_dora=dora))
     else:
         import lorakit
 
-        lorakit.inject(model, lorakit.LoraConfig(r=r, alpha=alpha, target_modules=targets))
+        lorakit.inject(model, lorakit.LoraConfig(r=r, alpha=alpha, target_modules=targets, use_dora=dora))
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
 def forward(model, embed, ids: torch.Tensor, autocast: bool):
-    """The loss. For the floor (``embed`` given) the embeddings are looked up outside the model and
-    made to require grad: the same work as ``enable_input_require_grads``, whose hook breaks
-    torch.compile's graph."""
+    """The loss. With ``embed`` (the floor; every row under gradient checkpointing) the embeddings
+    are looked up outside the model and made to require grad: the same work as
+    ``enable_input_require_grads``, whose hook breaks torch.compile's graph."""
     with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
         if embed is None:
             return model(input_ids=ids, labels=ids).loss
@@ -182,7 +253,7 @@ def forward(model, embed, ids: torch.Tensor, autocast: bool):
 def compile_model(model, row: Row, args):
     """``lorakit.compile`` for lorakit rows (``--recompute-inputs``), ``torch.compile`` for the others."""
     mode = None if args.compile_mode == "default" else args.compile_mode
-    if row.variant == "lorakit":
+    if row.variant.startswith("lorakit"):
         import lorakit
 
         return lorakit.compile(model, mode=mode, recompute_inputs=args.recompute_inputs == "on")
@@ -194,9 +265,14 @@ def measure(row: Row, args) -> dict:
     shape = SHAPES[row.shape]
     batch, seq = args.batch or shape.batch, args.seq or shape.seq
     cuda = args.device == "cuda"
-    model, params = prepare(build_model(shape, args), row)
-    embed = model.get_input_embeddings() if row.variant == "floor" else None
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=cuda) if params else None
+    from lorakit.quantize import model_bytes
+
+    model = base_model(shape, args)
+    weight_bytes = model_bytes(model)
+    build_peak = torch.cuda.max_memory_allocated() if cuda else None
+    model, params = prepare(model, row)
+    embed = model.get_input_embeddings() if input_requires_grad(row, args) else None
+    opt = make_optimizer(params, args)
     if row.compile:
         model = compile_model(model, row, args)
     graphed = row.compile and args.compile_mode in ("reduce-overhead", "max-autotune")  # CUDA graph trees
@@ -204,6 +280,7 @@ def measure(row: Row, args) -> dict:
     batches = [torch.randint(0, shape.vocab, (batch, seq), generator=g).to(args.device) for _ in range(4)]
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
+        torch.cuda.empty_cache()  # the blocks that quantizing freed: peak_reserved_bytes is the training's
         torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
 
@@ -235,13 +312,14 @@ def measure(row: Row, args) -> dict:
         "median_step_s": median, "tokens_per_s": batch * seq / median, "slowest_over_median": max(timed) / median,
         "first_step_s": times[0], "peak_bytes": (torch.cuda.max_memory_allocated() if cuda else
                                                  resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
-        "batch": batch, "seq": seq, "trainable_params": sum(p.numel() for p in params),
+        "batch": batch, "seq": seq, "trainable_params": sum(p.numel() for p in params), "model_bytes": weight_bytes,
         "adapter_dtypes": sorted({str(p.dtype) for p in params}), "step_times_s": times, "losses": losses,
     }
     if profile:
         result["profile"] = profile
     if cuda:
         result["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
+        result["build_peak_bytes"] = build_peak
         result["gpu"] = torch.cuda.get_device_name()
     if row.compile:
         from torch._dynamo.utils import counters
@@ -312,6 +390,14 @@ def sdpa_backend(name: str):
 
 # --- the matrix: one process per row -----------------------------------------------------------
 
+SETTINGS = {"quantize": "none", "double_quant": False, "grad_checkpoint": False, "optimizer": "adamw"}  # and defaults
+
+
+def settings(args) -> dict:
+    """The options every row of a run shares that change what a row measures; each row records them
+    (a row of an older file without them had the defaults)."""
+    return {key: getattr(args, key) for key in SETTINGS}
+
 
 def run_row(row: Row, args, timeout: float | None) -> dict:
     """Measure ``row`` in a fresh process (own process group, own compile cache); a failure or a
@@ -336,7 +422,8 @@ def run_row(row: Row, args, timeout: float | None) -> dict:
     finally:
         if cache:
             shutil.rmtree(cache, ignore_errors=True)
-    result = {**asdict(row), "mode": row.mode, "status": status, "wall_s": time.perf_counter() - start}
+    result = {**asdict(row), "mode": row.mode, **settings(args), "status": status,
+              "wall_s": time.perf_counter() - start}
     line = next((ln for ln in out.splitlines() if ln.startswith("RESULT ")), None)
     if status == "ok" and line:
         result.update(json.loads(line[len("RESULT "):]))
@@ -354,8 +441,8 @@ def add_ratios(rows: list[dict]) -> None:
                      and (x["shape"], x["compile"], x["autocast"]) == (r["shape"], r["compile"], r["autocast"])), None)
 
     for r in (r for r in rows if r["status"] == "ok"):
-        others = {"floor": find(r, "floor", None), "peft": find(r, "peft", r["targets"]) if r["variant"] == "lorakit"
-                  else None}
+        others = {"floor": find(r, "floor", None), "peft": find(r, r["variant"].replace("lorakit", "peft"), r["targets"])
+                  if r["variant"].startswith("lorakit") else None}
         for name, other in others.items():
             if other is not None:
                 r[f"speed_vs_{name}"] = r["tokens_per_s"] / other["tokens_per_s"]
@@ -368,7 +455,8 @@ def run_matrix(args) -> None:
     kept = {}
     if args.resume:
         for r in json.loads(Path(args.resume).read_text())["rows"]:
-            if r["status"] == "ok":
+            same = all(r.get(key, default) == getattr(args, key) for key, default in SETTINGS.items())
+            if r["status"] == "ok" and same:  # a row measured with another --quantize etc. is measured again
                 kept[Row(r["shape"], r["variant"], r["targets"], r["compile"], r["autocast"])] = r
     out = Path(args.out or RESULTS / f"train_speed_{args.device}.json")
     start = time.perf_counter()
@@ -382,7 +470,7 @@ def run_matrix(args) -> None:
         guess = longest.get((row.shape, row.compile),  # else another shape's row of this kind
                             max((t for (_, c), t in longest.items() if c == row.compile), default=None))
         if left is not None and (left <= 0 or (guess is not None and guess > left)):
-            results.append({**asdict(row), "mode": row.mode, "status": "skipped",
+            results.append({**asdict(row), "mode": row.mode, **settings(args), "status": "skipped",
                             "error": f"time budget: {max(left, 0):.0f} s left, such a row took {guess or 0:.0f} s"})
             print(f"[{i + 1}/{len(rows)}] {row.label}: skipped (time budget)", file=sys.stderr, flush=True)
         else:  # a row of a new kind may run past the budget by the grace, no further
@@ -438,8 +526,11 @@ def print_table(rows: list[dict], args) -> None:
     print(f"\ntraining step, {args.device}, {args.dtype} weights, median of {args.steps} steps after "
           f"{args.warmup} warm-up steps (first one timed separately), compile mode {args.compile_mode}, "
           f"lorakit recompute-inputs {args.recompute_inputs}")
+    base = "dense" if args.quantize == "none" else f"{args.quantize}{' + double quant' if args.double_quant else ''}"
+    print(f"base linear layers {base}, gradient checkpointing {'on' if args.grad_checkpoint else 'off'}, "
+          f"optimizer {args.optimizer}")
     head = (f"{'shape':<10} {'targets':<10} {'variant':<8} {'mode':<27} {'ms/step':>8} {'tok/s':>9} {'×floor':>7} "
-            f"{'peak ' + unit:>11} {'×floor':>7} {'×peft':>6} {'slowest':>8} {'first s':>8}")
+            f"{'weights':>8} {'peak ' + unit:>11} {'×floor':>7} {'×peft':>6} {'slowest':>8} {'first s':>8}")
     print(head + "\n" + "-" * len(head))
     for r in rows:
         start = f"{r['shape']:<10} {r['targets'] or '-':<10} {r['variant']:<8} {r['mode']:<27}"
@@ -447,11 +538,13 @@ def print_table(rows: list[dict], args) -> None:
             print(f"{start} {r['status']}: {r['error'].strip().splitlines()[-1][:80] if r.get('error') else ''}")
             continue
         ratio = lambda key: f"{r[key]:.3f}" if key in r else "-"  # noqa: E731
+        weights = f"{r['model_bytes'] / scale:.3g}" if "model_bytes" in r else "-"
         print(f"{start} {r['median_step_s'] * 1e3:>8.1f} {r['tokens_per_s']:>9,.0f} {ratio('speed_vs_floor'):>7} "
-              f"{r['peak_bytes'] / scale:>11.2f} {ratio('memory_vs_floor'):>7} {ratio('speed_vs_peft'):>6} "
-              f"{r['slowest_over_median']:>8.3f} {r['first_step_s']:>8.1f}")
+              f"{weights:>8} {r['peak_bytes'] / scale:>11.2f} {ratio('memory_vs_floor'):>7} "
+              f"{ratio('speed_vs_peft'):>6} {r['slowest_over_median']:>8.3f} {r['first_step_s']:>8.1f}")
     print("×floor: tokens/s (or peak) over the floor of the same shape and mode; ×peft: lorakit's tokens/s over "
-          "PEFT's; slowest: the slowest timed step over the median")
+          f"PEFT's; weights: the base's parameters, buffers and quantization state ({unit.split()[0]}); slowest: the "
+          "slowest timed step over the median")
 
 
 # --- interleaved: every variant in one process, taking turns ----------------------------------
@@ -467,9 +560,9 @@ def interleave(args) -> None:
     rows = [r for r in plan(args) if (r.compile, r.autocast, r.shape) == (compiled, autocast, args.shape[0])]
     setups = []
     for row in rows:
-        model, params = prepare(build_model(shape, args), row)
-        opt = torch.optim.AdamW(params, lr=1e-4, fused=args.device == "cuda") if params else None
-        embed = model.get_input_embeddings() if row.variant == "floor" else None
+        model, params = prepare(base_model(shape, args), row)
+        opt = make_optimizer(params, args)
+        embed = model.get_input_embeddings() if input_requires_grad(row, args) else None
         setups.append((row, compile_model(model, row, args) if compiled else model, opt, embed))
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, shape.vocab, (batch, seq), generator=g).to(args.device) for _ in range(4)]
@@ -488,7 +581,8 @@ def interleave(args) -> None:
             if step >= args.warmup:
                 times[row].append(time.perf_counter() - start)
         print(f"round {step + 1}/{args.warmup + args.steps} done", file=sys.stderr, flush=True)
-    result = [{**asdict(row), "mode": row.mode, "median_step_s": statistics.median(t), "step_times_s": t}
+    result = [{**asdict(row), "mode": row.mode, **settings(args), "median_step_s": statistics.median(t),
+               "step_times_s": t}
               for row, t in times.items()]
     print(f"\ninterleaved in one process: {args.shape[0]}, batch {batch} × {seq}, {args.device}, {rows[0].mode}, "
           f"median of {args.steps} steps after {args.warmup} warm-up steps")
@@ -548,6 +642,13 @@ def main() -> None:
     p.add_argument("--autocast", type=on_off("bf16"), default=[True, False], help="off,bf16 (default both)")
     p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], help="base weights (default "
                    "bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--quantize", default="none", choices=["none", "nf4", "fp4", "int8"], help="QLoRA: the decoder's "
+                   "linear layers as bitsandbytes Linear4bit (nf4, fp4) or Linear8bitLt (int8) (default: %(default)s)")
+    p.add_argument("--double-quant", action="store_true", help="quantize the 4-bit block scales too (QLoRA §3)")
+    p.add_argument("--grad-checkpoint", action="store_true", help="gradient checkpointing (transformers', "
+                   "non-reentrant) in every row")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"], help="torch's AdamW (fused on "
+                   "CUDA) or bitsandbytes' AdamW8bit (default: %(default)s)")
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"])
     p.add_argument("--sdpa-backend", default="default", choices=["default", "cudnn", "flash", "efficient", "math"])
     p.add_argument("--batch", type=int, help="override every shape's batch")
@@ -575,6 +676,15 @@ def main() -> None:
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         p.error("--device cuda, but torch sees no GPU")
+    if args.double_quant and args.quantize not in ("nf4", "fp4"):
+        p.error("--double-quant quantizes the scales of a 4-bit base: add --quantize nf4 (or fp4)")
+    if args.quantize != "none" and "full" in args.variants:
+        p.error(f"--quantize {args.quantize}: the full variant would train the packed weights; leave it out of "
+                f"--variants")
+    # looked for, not imported: importing bitsandbytes here would open a CUDA context the rows' processes lack
+    if (args.quantize != "none" or args.optimizer == "adamw8bit") and importlib.util.find_spec("bitsandbytes") is None:
+        p.error(f"--quantize {args.quantize} / --optimizer {args.optimizer} need bitsandbytes: "
+                "pip install bitsandbytes")
     args.shape = args.shape or ["tinyllama" if cuda else "smollm2"]
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
     args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 2)
