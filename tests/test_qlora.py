@@ -440,3 +440,146 @@ def test_cli_quantize_errors_name_the_flags(argv, words, tmp_path, capsys):
     err = capsys.readouterr().err
     assert all(w in err for w in words), err
     assert not (tmp_path / "run").exists()
+
+
+# --- the 4-bit fast path (ops/quantized_linear.py) ---------------------------------------------------
+
+FOUR_BIT = [QUANTS[1], QUANTS[2], QUANTS[3]]  # NF4 + double quant; FP4 bf16 compute/storage; FP4 f32 storage
+
+
+def _one_layer(q: Quantization, dropout: float = 0.0, bias: bool = True):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96, bias=bias))
+    quantize_model(model, q)
+    lorakit.inject(model, lorakit.LoraConfig(r=3, alpha=6, target_modules=["0"], dropout=dropout))
+    randomize_adapters(model)
+    return model[0]
+
+
+def _dense_twin(layer: LoraQuantizedLinear, dropout: float = 0.0) -> nn.Module:
+    """A dense LoraLinear on bitsandbytes' dequantized weight with the same adapter: the reference."""
+    base = layer.base_layer
+    linear = nn.Linear(64, 96, bias=base.bias is not None)
+    with torch.no_grad():
+        linear.weight.copy_(dense_weight(base).float())
+        if base.bias is not None:
+            linear.bias.copy_(base.bias.float())
+    twin = nn.Sequential(linear)
+    lorakit.inject(twin, lorakit.LoraConfig(r=3, alpha=6, target_modules=["0"], dropout=dropout))
+    with torch.no_grad():
+        twin[0].lora_A["default"].copy_(layer.lora_A["default"])
+        twin[0].lora_B["default"].copy_(layer.lora_B["default"])
+    return twin[0]
+
+
+def _made_by(grad_fn, name: str) -> bool:
+    """Whether ``grad_fn`` is the autograd function ``name``, or a dtype cast right after it."""
+    if type(grad_fn).__name__ == "ToCopyBackward0":
+        grad_fn = grad_fn.next_functions[0][0]
+    return type(grad_fn).__name__.startswith(name)
+
+
+def _run(layer, x, autocast: bool, seed: int = 7):
+    x = x.clone().requires_grad_(True)
+    torch.manual_seed(seed)  # the dropout seed is drawn from torch's generator
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = layer(x)
+    (out.float() * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    grads = [x.grad, layer.lora_A["default"].grad, layer.lora_B["default"].grad]
+    return out.detach(), grads, out.grad_fn
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+@pytest.mark.parametrize("q", FOUR_BIT)
+def test_the_4bit_function_equals_a_dense_layer_on_the_dequantized_weight(q, dropout, autocast):
+    layer = _one_layer(q, dropout).train()
+    if q.compute_dtype is not None and not autocast:
+        layer.lora_A["default"].data = layer.lora_A["default"].data.to(q.compute_dtype)
+        layer.lora_B["default"].data = layer.lora_B["default"].data.to(q.compute_dtype)
+    twin = _dense_twin(layer, dropout).train()
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(1))
+    got, got_grads, grad_fn = _run(layer, x, autocast)
+    assert _made_by(grad_fn, "_QuantizedLoraLinear")  # the fast path, not the reference
+    compute = torch.bfloat16 if autocast or q.compute_dtype is not None else torch.float32
+    with torch.autocast("cpu", dtype=compute, enabled=compute != torch.float32):
+        want, want_grads, _ = _run(twin, x, compute != torch.float32)
+    tol = dict(rtol=2e-2, atol=2e-2) if compute != torch.float32 else dict(rtol=1e-5, atol=1e-5)
+    assert got.dtype == x.dtype
+    torch.testing.assert_close(got.float(), want.float(), **tol)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g.float(), w.float(), **tol)
+
+
+def test_the_4bit_function_in_float32_is_the_formula_in_float64():
+    layer = _one_layer(Quantization("nf4", double_quant=True))
+    x = torch.randn(6, 64, dtype=torch.float32, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    out = layer(x)
+    assert _made_by(out.grad_fn, "_QuantizedLoraLinear")
+    W = dense_weight(layer.base_layer).double()
+    A, B = layer.lora_A["default"].double(), layer.lora_B["default"].double()
+    want = x.double() @ W.t() + layer.base_layer.bias.double() + 2.0 * (x.double() @ A.t()) @ B.t()
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    g = torch.randn(6, 96, generator=torch.Generator().manual_seed(3))
+    out.backward(g)
+    g = g.double()
+    torch.testing.assert_close(x.grad.double(), g @ W + 2.0 * (g @ B) @ A, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.lora_B["default"].grad.double(), 2.0 * g.t() @ (x.double() @ A.t()),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.lora_A["default"].grad.double(), 2.0 * (g @ B).t() @ x.double(),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_the_4bit_function_never_saves_a_dense_weight():
+    layer = _one_layer(Quantization("nf4", double_quant=True)).train()
+    x = torch.randn(4, 64, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x)
+    assert _made_by(out.grad_fn, "_QuantizedLoraLinear")
+    assert (96, 64) not in saved and (64, 96) not in saved, saved  # W is dequantized again in backward
+    assert sum(1 for s in saved if s == (4, 64)) == 1  # x once, in the compute dtype
+
+
+def test_the_4bit_swiglu_twin_equals_the_reference_and_keeps_gate_and_up(tokens):
+    from lorakit.layers import swiglu as swiglu_layers
+
+    model = quantized_llama(Quantization("nf4", double_quant=True))
+    lorakit.inject(model, ALL_LINEAR)
+    randomize_adapters(model)
+    mlp = model.model.layers[0].mlp
+    assert isinstance(mlp.__dict__.get("forward"), swiglu_layers.SwiGLUForward)  # the down projection is routed
+    model.train()
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mlp(x)
+    assert _made_by(out.grad_fn, "_QuantizedLoraSwiGLULinear")
+    out.float().sum().backward()
+    got = [x.grad.clone()] + [p.grad.clone() for p in mlp.down_proj.parameters() if p.requires_grad]
+    x.grad = None
+    for p in mlp.parameters():
+        p.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = type(mlp).forward(mlp, x)  # the class's own forward: down_proj(silu(gate)·up), the plain 4-bit path
+    assert _made_by(ref.grad_fn, "_QuantizedLoraLinear")
+    ref.float().sum().backward()
+    want = [x.grad] + [p.grad for p in mlp.down_proj.parameters() if p.requires_grad]
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-2)
+
+
+def test_8bit_compiling_and_other_dtypes_take_the_reference_path():
+    layer = _one_layer(Quantization("int8")).train()
+    x = torch.randn(3, 64, requires_grad=True)
+    assert layer._op_call(x) is None
+    four = _one_layer(Quantization("nf4"))
+    four.lora_A["default"].data = four.lora_A["default"].data.double()  # outside autocast: PEFT's adapter dtype
+    assert four._op_call(x) is None
+    assert _one_layer(Quantization("nf4"))._op_call(x) is not None

@@ -230,7 +230,12 @@ class LoraLayer(nn.Module):
         return result
 
     def _input_for(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        return self.lora_dropout[name](x.to(self.lora_A[name].dtype))
+        dtype = self.lora_A[name].dtype
+        if dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
+            # the adapter's matmuls compute in autocast's dtype: a float32 copy of x would only be cast back
+            # (and that second copy kept for backward, beside the x the base layer keeps)
+            dtype = torch.get_autocast_dtype(x.device.type)
+        return self.lora_dropout[name](x.to(dtype))
 
     # --- merge / unmerge -----------------------------------------------------------------------
 

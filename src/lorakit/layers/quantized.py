@@ -22,11 +22,14 @@ whose type comes from it (so it is imported already).
 from __future__ import annotations
 
 import copy
+from functools import partial
 from typing import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from ..ops.quantized_linear import quantized_lora_linear_call, quantized_lora_swiglu_linear_call
 from .base import LoraLayer, MergeError
 from .kinds import LayerKind, qualified_name, register_kind
 from .linear import LoraLinear
@@ -137,11 +140,19 @@ def describe(layer: nn.Module) -> str:
 class LoraQuantizedLinear(LoraLinear):
     """h = Q(W0)·x + s·B·A·dropout(x) on a bitsandbytes Linear4bit / Linear8bitLt.
 
-    The base output is the quantized layer's own (its dequantization and matmul, in its
-    ``compute_dtype``); each adapter's term is the reference op (`ops.lora_delta`), computed in the
-    adapter's dtype (under autocast, autocast's) and added in the output's dtype: the same as
-    PEFT's QLoRA layers, so their outputs agree. The fused LoRA op takes a dense weight, so it is
-    not used here (a fused dequantizing kernel is not built yet: docs/qlora.md).
+    On a 4-bit base in eager mode, one autograd function computes the layer
+    (`ops/quantized_linear.py`): bitsandbytes' dequantization of the packed weight, in forward and
+    again in backward (never saved), and `lora_linear`'s math around it, all in the compute dtype
+    (autocast's, else the layer's ``compute_dtype``): the adapter's term, then the base GEMM
+    accumulating onto it. That is what bitsandbytes' ``matmul_4bit`` computes for the base (a
+    dequantization and a GEMM) plus the adapter, keeping only x and the (T, r) projection. A
+    Llama-style MLP's down projection gets the SwiGLU twin (`forward_swiglu`).
+
+    The reference path (the quantized layer's own output, then each adapter's term by
+    `ops.lora_delta`, added in the output's dtype, as PEFT's QLoRA layers compute it) serves the
+    rest: 8-bit bases (LLM.int8() is not a dequantization and a GEMM), compiling, routed rows,
+    functorch transforms, non-additive variants (DoRA), and adapters of another dtype than the
+    compute dtype outside autocast (PEFT computes those in the adapter's dtype; so does lorakit).
     """
 
     def __init__(self, base_layer: nn.Module, module_name: str = "") -> None:
@@ -167,10 +178,45 @@ class LoraQuantizedLinear(LoraLinear):
                                f"kernel (at an inference-mode forward before lorakit.inject), and it cannot train "
                                f"through that layout; load the model again and inject before running it in eval "
                                f"mode (lorakit.inject then keeps the layout: see keep_packed_layout)")
-        return super().forward(x, *args, **kwargs)
+        call = None if args or kwargs else self._op_call(x)
+        if call is None:
+            return LoraLayer.forward(self, x, *args, **kwargs)
+        x_c, (dequantize, bias, As, Bs, scalings, p, seed) = call
+        out, _ = quantized_lora_linear_call(x_c, dequantize, bias, As, Bs, scalings, p, seed)
+        return out if out.dtype == x.dtype else out.to(x.dtype)  # bitsandbytes answers in the input's dtype
+
+    def forward_swiglu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        call = self._op_call(gate)
+        if call is None:
+            return self(F.silu(gate) * up)
+        gate_c, (dequantize, bias, As, Bs, scalings, p, seed) = call
+        out, _ = quantized_lora_swiglu_linear_call(gate_c, up.to(gate_c.dtype), dequantize, bias, As, Bs, scalings,
+                                                   p, seed)
+        return out if out.dtype == gate.dtype else out.to(gate.dtype)
 
     def _op_call(self, x: torch.Tensor):
-        return None  # always the reference forward: base_layer(x) + each adapter's term
+        """(x in the compute dtype, the QLoRA function's other operands) when
+        `ops.quantized_linear` computes this forward, else None (the reference forward)."""
+        base = self.base_layer
+        if not hasattr(base.weight, "quant_state") or torch.compiler.is_compiling():
+            return None  # 8-bit, or compiling: the reference forward
+        call = super()._op_call(x)  # the adapters that apply, dropout, functorch, autocast
+        if call is None:
+            return None
+        x_c, (_, bias, As, Bs, scalings, route, p, seed) = call
+        if route is not None:
+            return None
+        if not getattr(base, "compute_type_is_set", True):  # bitsandbytes' first forward does this too
+            base.set_compute_type(x)
+            base.compute_type_is_set = True
+        if not torch.is_autocast_enabled(x.device.type):
+            dtype = base.compute_dtype or x.dtype  # bitsandbytes computes in it
+            if any(t.dtype != dtype for t in (*As, *Bs)):
+                return None  # the adapter's own dtype, as PEFT computes it: the reference forward
+            x_c = x.to(dtype)
+        if bias is not None:
+            bias = bias.to(x_c.dtype)
+        return x_c, (partial(dequantize_4bit, base), bias, As, Bs, scalings, p, seed)
 
     @torch.no_grad()
     def dequantized_weight(self) -> torch.Tensor:

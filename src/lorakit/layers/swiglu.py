@@ -67,13 +67,17 @@ def _computes_swiglu(mlp: nn.Module) -> bool:
     """Whether the class's own forward is down(silu(gate(x)) · up(x)): one small input, in eval mode
     (no dropout, no random numbers drawn from torch's generator), compared with that formula."""
     weight = getattr(mlp.down_proj.base_layer, "weight", None)
-    if weight is None or weight.device.type == "meta" or not weight.dtype.is_floating_point:
+    if weight is None or weight.device.type == "meta":
+        return False
+    dtype = weight.dtype if weight.dtype.is_floating_point else getattr(getattr(weight, "quant_state", None), "dtype",
+                                                                         None)  # a 4-bit base: its dtype before
+    if dtype is None:
         return False
     d_in = getattr(mlp.gate_proj, "in_features", None)
     if d_in is None:
         return False
     modes = {m: m.training for m in mlp.modules()}
-    x = torch.randn(3, d_in, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+    x = torch.randn(3, d_in, generator=torch.Generator().manual_seed(0)).to(weight.device, dtype)
     try:
         mlp.eval()
         with torch.no_grad():
