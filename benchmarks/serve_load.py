@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime
+import importlib.util
 import json
 import multiprocessing
 import socket
@@ -42,6 +44,18 @@ from serving import SHAPES, build_model, percentiles, save_adapters  # noqa: E40
 RESULTS = Path(__file__).parent / "results"
 
 
+def stack(args) -> dict:
+    """What served the requests: uvicorn's event loop and HTTP parser (its "auto" takes uvloop and
+    httptools when they are installed), and the GIL switch interval while serving."""
+    from lorakit.serving.server import ServerOptions
+
+    have = lambda name: importlib.util.find_spec(name) is not None  # noqa: E731
+    return {"loop": "uvloop" if args.loop == "auto" and have("uvloop") else "asyncio" if args.loop == "auto" else args.loop,
+            "http": "httptools" if args.http == "auto" and have("httptools") else "h11" if args.http == "auto" else args.http,
+            "gil_switch_interval": ServerOptions().gil_switch_interval if args.gil_switch_interval == "default"
+            else args.gil_switch_interval}
+
+
 def word_tokenizer(vocab: int):
     """A tokenizer of ``vocab`` whole words ``w0 w1 ...`` (id = index): the server's text path
     (incremental decoding, stop strings) runs as it would with a real tokenizer, on random ids."""
@@ -56,7 +70,7 @@ def word_tokenizer(vocab: int):
 class Served:
     """The server in a thread on a free 127.0.0.1 port; `stop` shuts it down gracefully."""
 
-    def __init__(self, engine) -> None:
+    def __init__(self, engine, *, loop: str = "auto", http: str = "auto", gil_switch_interval="default") -> None:
         import uvicorn
 
         from lorakit.serving.server import ServerOptions, make_app
@@ -64,8 +78,12 @@ class Served:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        app = make_app(engine, ServerOptions(max_queue=4096))
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        options = ServerOptions(max_queue=4096)
+        if gil_switch_interval != "default":
+            options = dataclasses.replace(options, gil_switch_interval=gil_switch_interval)
+        app = make_app(engine, options)
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", loop=loop, http=http)
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 60
@@ -141,6 +159,12 @@ def main() -> None:
     p.add_argument("--clients", type=lambda t: [int(x) for x in t.split(",") if x], default=[1, 8, 32, 64],
                    help="concurrency levels, comma-separated")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: 1 on CPU)")
+    p.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"],
+                   help="uvicorn's event loop (default %(default)s: uvloop when installed)")
+    p.add_argument("--http", default="auto", choices=["auto", "h11", "httptools"],
+                   help="uvicorn's HTTP parser (default %(default)s: httptools when installed)")
+    p.add_argument("--gil-switch-interval", default="default",
+                   help="seconds, 'none' (Python's own, 5 ms) or 'default' (ServerOptions' default) (default %(default)s)")
     p.add_argument("--out", help="output JSON (default benchmarks/results/serve_load_<device>.json)")
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -175,7 +199,9 @@ def main() -> None:
     offline = {"wall_s": offline_s, "tokens_per_s": args.requests * args.new_tokens / offline_s}
     print(f"offline engine: {offline['tokens_per_s']:,.0f} tok/s", file=sys.stderr, flush=True)
 
-    served = Served(engine)
+    interval = "default" if args.gil_switch_interval == "default" else \
+        None if args.gil_switch_interval == "none" else float(args.gil_switch_interval)
+    served = Served(engine, loop=args.loop, http=args.http, gil_switch_interval=interval)
     levels = []
     generator = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
     try:
@@ -197,7 +223,7 @@ def main() -> None:
                "device": args.device, "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
                "torch": torch.__version__,
                "args": {k: str(v) if isinstance(v, torch.dtype) else v for k, v in vars(args).items()},
-               "offline": offline, "levels": levels}
+               "stack": stack(args), "offline": offline, "levels": levels}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = out.with_name(out.name + ".tmp")
     tmp_out.write_text(json.dumps(payload, indent=2) + "\n")
@@ -207,6 +233,7 @@ def main() -> None:
     print(f"\nlorakit serve, {args.device}, {args.shape} shape, {args.requests} requests × {args.prompt_len} prompt ids "
           f"× {args.new_tokens} new tokens, {args.adapters} adapters (base every {args.base_every})")
     head = f"{'clients':>7} {'tok/s':>10} {'×offline':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'failed':>6}"
+    print(f"stack: {payload['stack']}")
     print(head + "\n" + "-" * len(head))
     print(f"{'offline':>7} {offline['tokens_per_s']:>10,.0f} {1.0:>9.3f}")
     for lv in levels:

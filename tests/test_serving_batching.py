@@ -256,6 +256,23 @@ def test_incremental_text_keeps_the_space_after_a_skipped_special_token() -> Non
     assert "".join(parts) == tok.decode(ids, skip_special_tokens=True) == "w79 w43 w5 w6"
 
 
+def test_the_rust_decoder_is_taken_only_where_it_decodes_as_the_tokenizer_does() -> None:
+    from lorakit.models import load_causal_lm
+    from lorakit.serving.text import decoder
+
+    tok = load_causal_lm("default")[1]  # the embedded SmolLM2's byte-level BPE, special tokens in its vocabulary
+    ids = torch.randint(0, len(tok), (400,), generator=torch.Generator().manual_seed(0)).tolist() + [0, 1, 2]
+    fast = decoder(tok)
+    assert fast.__code__ is not decoder(CountingTokenizer(tok)).__code__  # the backend's decode, not .decode
+    for n in (1, 2, 7, 50, len(ids)):
+        assert fast(ids[:n]) == tok.decode(ids[:n], skip_special_tokens=True)
+    cleaning = word_tokenizer()
+    cleaning.clean_up_tokenization_spaces = True  # the backend does not clean up: .decode must be used
+    counting = CountingTokenizer(cleaning)
+    decoder(counting)([5, 6])
+    assert counting.decoded == 2 and decoder(cleaning)([5, 6]) == cleaning.decode([5, 6], skip_special_tokens=True)
+
+
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
 def test_edges_one_token_requests_eos_at_prefill_and_both_attention_kinds(attention: str) -> None:
     model = tiny_llama()

@@ -25,6 +25,7 @@ import contextlib
 import hmac
 import logging
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -56,7 +57,11 @@ class ServerOptions:
     ``api_key``: every /v1 route needs ``Authorization: Bearer KEY`` (None: no key). ``adapter_dir``:
     /v1/load_lora_adapter loads only from under it (None: run-time loading is off), unless
     ``allow_any_adapter_path``. ``max_queue``: requests that may wait for the running batch before
-    more are refused (503, Retry-After). ``max_body_bytes``: larger bodies get a 413."""
+    more are refused (503, Retry-After). ``max_body_bytes``: larger bodies get a 413.
+    ``gil_switch_interval``: while the server runs, the process's ``sys.setswitchinterval`` (restored
+    after): the engine's thread and the event loop share the GIL, and Python's default 5 ms lets the
+    thread that streams tokens hold it for a whole decode step while the engine waits to launch the
+    next one (None: leave it as it is)."""
 
     served_model_name: str = "base"
     api_key: str | None = None
@@ -64,6 +69,7 @@ class ServerOptions:
     allow_any_adapter_path: bool = False
     max_queue: int = 64
     max_body_bytes: int = 1 << 20
+    gil_switch_interval: float | None = 0.0005
 
 
 class Server:
@@ -75,6 +81,9 @@ class Server:
                              f"give the base another served_model_name or rename the adapter")
         if options.adapter_dir is not None and not Path(options.adapter_dir).is_dir():
             raise FileNotFoundError(f"adapter_dir {options.adapter_dir}: no such folder; create it or give another")
+        interval = options.gil_switch_interval
+        if interval is not None and not (isinstance(interval, (int, float)) and 0 < interval <= 1):
+            raise ValueError(f"gil_switch_interval must be a number of seconds in (0, 1] or None, got {interval!r}")
         self.engine, self.options = engine, options
         self.metrics = ServerMetrics()
         self.metrics.adapter_loads.inc(len(engine.adapters))
@@ -98,11 +107,15 @@ class Server:
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette):
+        interval = sys.getswitchinterval()
+        if self.options.gil_switch_interval is not None:
+            sys.setswitchinterval(self.options.gil_switch_interval)
         self.loop.start()
         try:
             yield
         finally:
             await asyncio.to_thread(self.loop.stop)
+            sys.setswitchinterval(interval)
 
     # --- plumbing ------------------------------------------------------------------------------
 

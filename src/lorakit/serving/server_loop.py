@@ -57,6 +57,7 @@ class Job:
     arrived: float = field(default_factory=time.monotonic)
     request: Request | None = None
     last_token: float | None = None
+    series: tuple | None = None          # its label's (ttft, inter_token, generation_tokens) metric children
 
     def __post_init__(self) -> None:
         self.accepted, self.done = self.loop.create_future(), self.loop.create_future()
@@ -167,6 +168,8 @@ class EngineLoop:
             self._refuse(job, e)
             return
         job.request = request
+        m = self.metrics  # a child per label, looked up once: every token of every request is recorded
+        job.series = (m.ttft.labels(job.label), m.inter_token.labels(job.label), m.generation_tokens.labels(job.label))
         self._jobs[request.id] = job
         self.metrics.prompt_tokens.labels(job.label).inc(len(ids))
         self.metrics.queue_depth.set(len(self.engine.waiting))
@@ -245,12 +248,13 @@ class EngineLoop:
 
     def _record(self, job: Job, event: Event, now: float) -> None:
         if event.tokens:
+            ttft, inter_token, generated = job.series
             if job.last_token is None:
-                self.metrics.ttft.labels(job.label).observe(now - job.arrived)
+                ttft.observe(now - job.arrived)
             else:
-                self.metrics.inter_token.labels(job.label).observe(now - job.last_token)
+                inter_token.observe(now - job.last_token)
             job.last_token = now
-            self.metrics.generation_tokens.labels(job.label).inc(len(event.tokens))
+            generated.inc(len(event.tokens))
         if job.stream:
             self._put(job, (event, self.pieces(event.logprobs)))
         if event.finished:
