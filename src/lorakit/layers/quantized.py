@@ -22,6 +22,8 @@ whose type comes from it (so it is imported already).
 from __future__ import annotations
 
 import copy
+import functools
+import importlib.util
 from functools import partial
 from typing import Iterable
 
@@ -29,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import nf4
 from ..ops.quantized_linear import quantized_lora_linear_call, quantized_lora_swiglu_linear_call
 from .base import LoraLayer, MergeError
 from .kinds import LayerKind, qualified_name, register_kind
@@ -40,8 +43,9 @@ LINEAR_8BIT_NAMES = (f"{BNB_MODULE}.Linear8bitLt",)
 
 
 def dequantize_4bit(layer: nn.Module) -> torch.Tensor:
-    """The (d_out, d_in) weight of a bitsandbytes Linear4bit, dequantized by bitsandbytes, in the
-    dtype it was quantized from; a new tensor (the packed one is only read)."""
+    """The (d_out, d_in) weight of a bitsandbytes Linear4bit, dequantized by bitsandbytes (on a
+    GPU, NF4 by `ops.nf4`'s one-launch kernel, which gives bitsandbytes' values), in the dtype it
+    was quantized from; a new tensor (the packed one is only read)."""
     import bitsandbytes.functional as bnbf  # a Linear4bit exists, so bitsandbytes is imported already
 
     weight = layer.weight
@@ -59,7 +63,14 @@ def dequantize_4bit(layer: nn.Module) -> torch.Tensor:
         state.original_nested = False
         data, state = bnbf._convert_weight_packed_for_cpu_inverse(data.clone(), state)
         state.absmax = state.absmax.t().reshape(-1).float()
+    elif data.is_cuda and _have_triton() and nf4.supports(data, state):
+        return nf4.dequantize_nf4(data, state)  # one launch, bitsandbytes' values to the bit (tests/test_nf4.py)
     return bnbf.dequantize_4bit(data, state)
+
+
+@functools.cache
+def _have_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def dequantize_8bit(layer: nn.Module) -> torch.Tensor:
