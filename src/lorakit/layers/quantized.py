@@ -44,7 +44,7 @@ LINEAR_8BIT_NAMES = (f"{BNB_MODULE}.Linear8bitLt",)
 
 def dequantize_4bit(layer: nn.Module) -> torch.Tensor:
     """The (d_out, d_in) weight of a bitsandbytes Linear4bit, dequantized by bitsandbytes (on a
-    GPU, NF4 by `ops.nf4`'s one-launch kernel, which gives bitsandbytes' values), in the dtype it
+    GPU, double-quantized NF4 by `ops.nf4`'s one-launch kernel, which gives bitsandbytes' values), in the dtype it
     was quantized from; a new tensor (the packed one is only read)."""
     import bitsandbytes.functional as bnbf  # a Linear4bit exists, so bitsandbytes is imported already
 
@@ -63,8 +63,10 @@ def dequantize_4bit(layer: nn.Module) -> torch.Tensor:
         state.original_nested = False
         data, state = bnbf._convert_weight_packed_for_cpu_inverse(data.clone(), state)
         state.absmax = state.absmax.t().reshape(-1).float()
-    elif data.is_cuda and _have_triton() and nf4.supports(data, state):
-        return nf4.dequantize_nf4(data, state)  # one launch, bitsandbytes' values to the bit (tests/test_nf4.py)
+    elif data.is_cuda and state.nested and _have_triton() and nf4.supports(data, state):
+        # one launch where bitsandbytes needs three, its values to the bit (tests/test_nf4.py); 1.2-1.4x
+        # faster on an H200 with double quantization, slower without it (benchmarks/results/nf4_dequant_cuda.json)
+        return nf4.dequantize_nf4(data, state)
     return bnbf.dequantize_4bit(data, state)
 
 
