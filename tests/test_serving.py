@@ -352,3 +352,48 @@ def test_a_banked_layer_compiles_into_one_graph_with_the_custom_op(paths) -> Non
     with torch.no_grad(), engine.route.rows(slots, tokens_per_row=4):
         torch.testing.assert_close(compiled(x), layer(x))
         assert not torch.equal(layer(x)[0], layer.base_layer(x)[0]) and torch.equal(layer(x)[1], layer.base_layer(x)[1])
+
+
+# --- decode attention on the slot cache (serving/attention.py) ---------------------------------------
+
+@pytest.mark.parametrize("heads, kv_heads", [(8, 2), (4, 4), (6, 1)])
+def test_decode_attention_equals_repeated_kv_attention_in_float64(heads: int, kv_heads: int) -> None:
+    from lorakit.serving.attention import decode_attention
+
+    g = torch.Generator().manual_seed(0)
+    n, width, d, slots_len = 3, 11, 16, 20
+    storage_k = torch.randn(n + 1, kv_heads, slots_len, d, generator=g, dtype=torch.float64)
+    storage_v = torch.randn(n + 1, kv_heads, slots_len, d, generator=g, dtype=torch.float64)
+    key, value = storage_k[1:, :, :width], storage_v[1:, :, :width]       # strided views, as the cache returns
+    query = torch.randn(n, 1, heads, d, generator=g, dtype=torch.float64).transpose(1, 2)  # (n, H, 1, d)
+    visible = torch.arange(width)[None, :] <= torch.tensor([4, 10, 7])[:, None]
+    mask = torch.zeros(n, 1, 1, width, dtype=torch.float64).masked_fill_(~visible[:, None, None], float("-inf"))
+    got = decode_attention(query, key, value, mask, d ** -0.5)
+    rep = heads // kv_heads
+    want = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1), attn_mask=mask)  # (n, H, 1, d)
+    torch.testing.assert_close(got, want.transpose(1, 2), rtol=1e-12, atol=1e-12)
+
+
+def test_the_engine_decodes_through_its_slot_attention_and_gives_the_model_its_own_back(paths, monkeypatch) -> None:
+    from lorakit.serving import attention
+
+    calls = []
+    original = attention.decode_attention
+    monkeypatch.setattr(attention, "decode_attention", lambda *a: calls.append(a[1].shape) or original(*a))
+    model = tiny_llama()
+    own = model.config._attn_implementation
+    engine = Engine(model, None, max_batch=2)
+    assert model.config._attn_implementation == attention.SLOT_ATTENTION[own]
+    engine.add_adapter("a", paths["own"])
+    out = engine.generate([PROMPTS[0], PROMPTS[1]], adapters=["a", None], max_new_tokens=4, ignore_eos=True)
+    layers = model.config.num_hidden_layers
+    assert len(calls) == 3 * layers  # every decode step (3 after the prefill's first token), every layer
+    assert out[1] == greedy(tiny_llama(), PROMPTS[1], max_new_tokens=4)  # the base row, as transformers decodes it
+    assert greedy(model, PROMPTS[1], max_new_tokens=4) == out[1]  # generate() on the held model still works
+    assert engine.close() is model and model.config._attn_implementation == own
+    first = Engine(model, None, max_batch=2)  # no adapter installed: a second engine may take the model
+    second = Engine(model, None, max_batch=2)
+    assert second.generate([PROMPTS[1]], max_new_tokens=4, ignore_eos=True)[0] == out[1]
+    second.close(), first.close()
+    assert model.config._attn_implementation == own

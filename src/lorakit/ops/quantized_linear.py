@@ -70,11 +70,13 @@ class _QuantizedLoraSwiGLULinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_low):
         gate, up, low, seed, *adapters = ctx.saved_tensors
-        h = swiglu(gate, up)  # made again, not saved
+        silu_gate = torch.nn.functional.silu(gate)
+        h = silu_gate * up  # made again, not saved
         weight = ctx.dequantize() if ctx.wants[0] else None
         dh, _, db, dAs, dBs = _gradients(grad_out, h, weight, low, None, seed, adapters[:ctx.n], adapters[ctx.n:],
                                          ctx.scalings, ctx.dropout, ctx.wants, traced=False)
-        d_gate, d_up = _swiglu_grads(gate, up, dh) if dh is not None else (None, None)
+        del h
+        d_gate, d_up = _swiglu_grads(gate, up, dh, silu_gate) if dh is not None else (None, None)
         return d_gate, d_up, None, db, None, None, None, None, *dAs, *dBs
 
 

@@ -24,12 +24,12 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
-def _swiglu_grads(gate: Tensor, up: Tensor, grad_h: Tensor) -> tuple[Tensor, Tensor]:
-    """(d_gate, d_up) of h = silu(gate)·up, in float32 inside, each in its input's dtype."""
-    g32, h32 = gate.float(), grad_h.float()
-    sig = torch.sigmoid(g32)
-    d_up = h32 * g32 * sig
-    d_gate = h32 * up.float() * sig * (1 + g32 * (1 - sig))
+def _swiglu_grads(gate: Tensor, up: Tensor, grad_h: Tensor, silu_gate: Tensor) -> tuple[Tensor, Tensor]:
+    """(d_gate, d_up) of h = silu(gate)·up, as autograd computes them for that formula: d_up = dh·silu(gate)
+    and d_gate = SiLU's own backward kernel on dh·up, in the inputs' dtype (float32 inside each kernel).
+    ``silu_gate`` is silu(gate), made once for h and reused here."""
+    d_up = grad_h * silu_gate
+    d_gate = torch.ops.aten.silu_backward(grad_h * up, gate)
     return d_gate.to(gate.dtype), d_up.to(up.dtype)
 
 
@@ -62,10 +62,11 @@ def _swiglu_wants(gate, up, weight, bias, As, Bs) -> tuple:
 
 
 def _swiglu_gradients(grad_out, gate, up, weight, low, route, seed, As, Bs, scalings, dropout, wants, traced):
-    h = swiglu(gate, up)                                               # made again, not saved
+    silu_gate = torch.nn.functional.silu(gate)
+    h = silu_gate * up                                                 # made again, not saved
     dh, dW, db, dAs, dBs = _gradients(grad_out, h, weight, low, route, seed, As, Bs, scalings, dropout, wants,
                                       traced)
-    d_gate, d_up = _swiglu_grads(gate, up, dh) if dh is not None else (None, None)
+    d_gate, d_up = _swiglu_grads(gate, up, dh, silu_gate) if dh is not None else (None, None)
     return d_gate, d_up, dW, db, dAs, dBs
 
 

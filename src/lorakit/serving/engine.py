@@ -52,6 +52,7 @@ from torch import nn
 from ..data import encode_prompt
 from ..inject import lora_modules
 from ..prefix import load_prefix, model_hidden_size
+from . import attention as attention_names
 from .bank import AdapterBank
 from .graphs import DecodeGraphs
 from .kv_cache import CacheWindow, SlotCache
@@ -94,6 +95,7 @@ class Engine:
             raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
         config = model.config
         attention = getattr(config, "_attn_implementation", None)
+        attention = {v: k for k, v in attention_names.SLOT_ATTENTION.items()}.get(attention, attention)  # an engine's
         if attention not in (None, "sdpa", "eager"):
             raise ValueError(f"the engine passes its own 4D attention masks, which {attention!r} attention does not "
                              f"take; load the model with attn_implementation='sdpa' (or 'eager')")
@@ -107,6 +109,10 @@ class Engine:
             raise ValueError(f"max_prefill_tokens must be a positive integer or None, got {max_prefill_tokens!r}")
         first = next(model.parameters())
         self.model = model.eval()
+        # decode attention on the slot cache without repeating K/V heads (`attention.py`), until close()
+        self._own_attention = attention
+        attention_names.register()
+        config._attn_implementation = attention_names.SLOT_ATTENTION[attention or "sdpa"]
         self.tokenizer = tokenizer
         self.max_batch, self.max_seq_len, self.max_prefill_tokens = max_batch, max_seq_len, max_prefill_tokens
         self.chat_template, self.separator = chat_template, separator
@@ -177,6 +183,7 @@ class Engine:
         uninstall(self.model)
         if self.graphs is not None:
             self.graphs.clear()
+        self.model.config._attn_implementation = self._own_attention
         return self.model
 
     def _install(self) -> None:
