@@ -4,7 +4,7 @@ With a mask (the engine always passes one: slots hold stale positions), transfor
 cannot ask torch for grouped-query attention on CUDA, so it repeats every key and value head
 ``heads / kv_heads`` times (``repeat_kv``): a copy of the whole cache window, per layer and step.
 On an H200 with TinyLlama's shape (4 KV heads for 32 query heads), 64 requests, those copies were
-58% of a decode step's GPU time (`benchmarks/results/serving_cuda_profile.txt`).
+58% of a decode step's GPU time (`benchmarks/results/profiles/serving_cuda_decode_before_slot_attention.txt`).
 
 For one new token per row, the 8 query heads that share a KV head are 8 rows of one small matmul
 against that head's keys, so the cache's keys and values are read once, as views:
