@@ -73,6 +73,11 @@ class BankedLinear(nn.Module):
         if dense is not None:
             A_flat, B_flat = f.flat(dense.rank)
             x2d = x.reshape(-1, x.shape[-1]).to(A_flat.dtype)
+            if out.dtype == A_flat.dtype and out.is_contiguous():
+                # the expand GEMM accumulates onto the base output in its buffer: no (T, d_out) delta, no add
+                low = (x2d @ A_flat.t()).mul_(dense.mask)                            # (T, r·S)
+                out.view(-1, out.shape[-1]).addmm_(low, B_flat.t())
+                return out
             delta = segmented_lora_dense(x2d, A_flat, B_flat, dense.mask).view(*x.shape[:-1], -1)
         else:
             r = f.widest_rank  # the columns past every slot's rank are zero padding: leave them out
