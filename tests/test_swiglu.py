@@ -236,3 +236,17 @@ def test_routed_merged_and_disabled_forwards_agree_with_the_plain_path(tokens):
         lorakit.use(model, "a"), lorakit.use(plain, "a")
         lorakit.merge(model), lorakit.merge(plain)
         torch.testing.assert_close(model(input_ids=tokens).logits, plain(input_ids=tokens).logits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_gradients_are_autograds_of_the_plain_product_to_the_bit(dtype):
+    from lorakit.ops.swiglu_linear import _swiglu_grads
+
+    g = torch.Generator().manual_seed(0)
+    gate = torch.randn(37, 24, generator=g).to(dtype).requires_grad_(True)
+    up = torch.randn(37, 24, generator=g).to(dtype).requires_grad_(True)
+    dh = torch.randn(37, 24, generator=g).to(dtype)
+    (F.silu(gate) * up).backward(dh)
+    d_gate, d_up = _swiglu_grads(gate.detach(), up.detach(), dh, F.silu(gate.detach()))
+    assert d_gate.dtype == d_up.dtype == dtype
+    assert torch.equal(d_gate, gate.grad) and torch.equal(d_up, up.grad)
