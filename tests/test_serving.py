@@ -397,3 +397,11 @@ def test_the_engine_decodes_through_its_slot_attention_and_gives_the_model_its_o
     assert second.generate([PROMPTS[1]], max_new_tokens=4, ignore_eos=True)[0] == out[1]
     second.close(), first.close()
     assert model.config._attn_implementation == own
+
+
+def test_a_refused_engine_leaves_the_models_attention_as_it_was() -> None:
+    model = tiny_llama()
+    own = model.config._attn_implementation
+    with pytest.raises(ValueError):
+        Engine(model, None, max_batch=2, max_rank=0)
+    assert model.config._attn_implementation == own

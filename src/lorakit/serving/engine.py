@@ -109,10 +109,6 @@ class Engine:
             raise ValueError(f"max_prefill_tokens must be a positive integer or None, got {max_prefill_tokens!r}")
         first = next(model.parameters())
         self.model = model.eval()
-        # decode attention on the slot cache without repeating K/V heads (`attention.py`), until close()
-        self._own_attention = attention
-        attention_names.register()
-        config._attn_implementation = attention_names.SLOT_ATTENTION[attention or "sdpa"]
         self.tokenizer = tokenizer
         self.max_batch, self.max_seq_len, self.max_prefill_tokens = max_batch, max_seq_len, max_prefill_tokens
         self.chat_template, self.separator = chat_template, separator
@@ -134,6 +130,11 @@ class Engine:
         accepted = inspect.signature(model.forward).parameters
         self._keeps_logits = "logits_to_keep" in accepted
         self._cache_argument = "cache" if "cache" in accepted else "past_key_values"  # renamed in transformers 5.x
+        # last, so a refused engine leaves the model as it was: decode attention on the slot cache without
+        # repeating K/V heads (`attention.py`), until close()
+        self._own_attention = attention
+        attention_names.register()
+        config._attn_implementation = attention_names.SLOT_ATTENTION[attention or "sdpa"]
 
     # --- adapters ----------------------------------------------------------------------------
 
