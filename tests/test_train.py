@@ -29,6 +29,7 @@ import lorakit
 from lorakit.data import Batches, collate
 from lorakit.train import ResumeError, TrainConfig, causal_lm_loss, classification_loss, lr_factor, read_metrics, train
 from lorakit.train import checkpoint as ckpt_mod
+from lorakit.hints import SettingError
 
 from conftest import tiny_llama
 
@@ -383,3 +384,46 @@ def test_full_fine_tuning_baseline_saves_a_whole_model(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model.eval()(ids).logits)
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+# --- bitsandbytes' 8-bit AdamW (TrainConfig.optimizer, --optimizer) ---------------------------------
+
+def _wide_model() -> torch.nn.Module:
+    """A Llama whose adapter matrices have >= 4,096 elements: bitsandbytes keeps smaller ones in 32 bits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    return lorakit.inject(model, lorakit.LoraConfig(r=16, alpha=32, target_modules=["q_proj", "v_proj"],
+                                                    dropout=0.1))
+
+
+def test_adamw8bit_trains_keeps_8bit_state_and_resumes_bit_for_bit(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    data = token_examples()
+    straight = tmp_path / "straight"
+    result = train(_wide_model(), batches(data, 8), config(straight, optimizer="adamw8bit", lr=1e-3))
+    assert result.train_loss == result.train_loss  # a number
+    saved = load_file(str(straight / "checkpoint" / "optimizer.safetensors"))
+    assert any(v.dtype == torch.uint8 for v in saved.values())  # the 8-bit moments, not float32 ones
+    state = json.loads((straight / "checkpoint" / "trainer_state.json").read_text())
+    assert state["fingerprint"]["optimizer"] == "adamw8bit"
+    assert any(g.get("scalars") for g in state["optimizer_groups"])  # bitsandbytes' int step, in the JSON
+    crashed = tmp_path / "crashed"
+    with pytest.raises(Crash):
+        train(_wide_model(), batches(data, 8), config(crashed, optimizer="adamw8bit", lr=1e-3), on_step=crash_at(7))
+    train(_wide_model(), batches(data, 8), config(crashed, optimizer="adamw8bit", lr=1e-3), resume=True)
+    expected, got = adapter_tensors(straight / "adapter"), adapter_tensors(crashed / "adapter")
+    for k in expected:
+        assert torch.equal(got[k], expected[k]), k
+    plain = tmp_path / "plain"
+    train(_wide_model(), batches(data, 8), config(plain, lr=1e-3))
+    assert any(not torch.equal(adapter_tensors(plain / "adapter")[k], expected[k]) for k in expected)  # it differs
+    with pytest.raises(ResumeError, match="optimizer"):  # a run resumed with the other optimizer is refused
+        train(_wide_model(), batches(data, 8), config(crashed, lr=1e-3, max_steps=16), resume=True)
+
+
+def test_bad_optimizer_names_the_setting():
+    with pytest.raises(SettingError, match="optimizer"):
+        TrainConfig(optimizer="sgd")

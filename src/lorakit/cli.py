@@ -82,6 +82,9 @@ def _train_parser(sub) -> argparse.ArgumentParser:
                    help="DoRA (Liu et al. 2024): train a magnitude per output row beside the LoRA direction, "
                         "W' = m·(W0 + s·B·A)/‖W0 + s·B·A‖ (PEFT's use_dora; docs/variants.md); the serving bank "
                         "refuses DoRA adapters: merge them to serve (default: off: plain LoRA)")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"],
+                   help="adamw: torch's AdamW; adamw8bit: bitsandbytes' 8-bit AdamW (Dettmers et al. 2022, QLoRA's "
+                        "optimizer: a quarter of the optimizer state; needs bitsandbytes) (default: adamw)")
     p.add_argument("--loraplus-ratio", type=float,
                    help="LoRA+ (Hayou et al. 2024): the B matrices learn at this many times --lr, the rest at --lr "
                         "(the paper suggests 16) (default: none: off, one learning rate for all)")

@@ -70,7 +70,7 @@ def train(args: argparse.Namespace) -> None:
                          eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
                          out_dir=args.out, overwrite=args.overwrite, device=args.device,
                          fsdp=args.fsdp, compile=args.compile,
-                         loraplus_ratio=args.loraplus_ratio)
+                         loraplus_ratio=args.loraplus_ratio, optimizer=args.optimizer)
     data = DataSpec(train=args.data, eval=args.eval_data, format=args.format, seq_len=args.seq_len,
                     chat_template=args.chat_template, skip_bad_lines=args.skip_bad_lines,
                     text_column=args.text_column, text_pair_column=args.text_pair_column,

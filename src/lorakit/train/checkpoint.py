@@ -76,13 +76,45 @@ def _from_b64(text: str) -> torch.Tensor:
 def optimizer_to_files(optimizer: torch.optim.Optimizer, names: list[str]) -> tuple[dict[str, torch.Tensor], list]:
     """(tensors keyed "<param name>/<state key>", param groups with names instead of indices).
 
-    `names` are the parameter names in the order the optimizer holds them (group by group)."""
+    `names` are the parameter names in the order the optimizer holds them (group by group). A state
+    value that is a dict (bitsandbytes' 8-bit AdamW packs its quantization state in one) is walked,
+    its tensors keyed "<param name>/<key>/<inner key>"; values that are not tensors (bitsandbytes'
+    ``step`` is an int) go into the groups' JSON, under the group's "scalars"."""
     sd = optimizer.state_dict()
-    tensors = {f"{names[i]}/{k}": v.detach().cpu().contiguous()
-               for i, state in sd["state"].items() for k, v in state.items() if isinstance(v, torch.Tensor)}
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[i] for i in g["params"]]}
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[int, dict[str, Any]] = {}
+    seen: set[int] = set()  # storages already written: safetensors refuses two names for one (a shared code book)
+    for i, state in sd["state"].items():
+        for path, value in _walk(state):
+            if isinstance(value, torch.Tensor):
+                value = value.detach().cpu().contiguous()
+                if value.untyped_storage().data_ptr() in seen:
+                    value = value.clone()
+                seen.add(value.untyped_storage().data_ptr())
+                tensors[f"{names[i]}/{path}"] = value
+            else:
+                scalars.setdefault(i, {})[path] = value
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[i] for i in g["params"]],
+               **({"scalars": {names[i]: scalars[i] for i in g["params"] if i in scalars}} if scalars else {})}
               for g in sd["param_groups"]]
     return tensors, json.loads(json.dumps(groups))
+
+
+def _walk(state: dict[str, Any], prefix: str = ""):
+    for key, value in state.items():
+        if "/" in key:
+            raise ValueError(f"optimizer state key {key!r} holds a '/', which checkpoints use as a separator")
+        if isinstance(value, dict):
+            yield from _walk(value, f"{prefix}{key}/")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _put(state: dict[str, Any], path: str, value: Any) -> None:
+    *outer, last = path.split("/")
+    for key in outer:
+        state = state.setdefault(key, {})
+    state[last] = value
 
 
 def optimizer_from_files(optimizer: torch.optim.Optimizer, names: list[str], tensors: dict[str, torch.Tensor],
@@ -92,11 +124,16 @@ def optimizer_from_files(optimizer: torch.optim.Optimizer, names: list[str], ten
     if saved_names != names:
         raise ResumeError(f"the checkpoint's optimizer holds parameters {_short(saved_names)}, this model trains "
                           f"{_short(names)}; resume with the same adapter config")
-    state: dict[int, dict[str, torch.Tensor]] = {}
+    state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
-        name, _, field = key.rpartition("/")
-        state.setdefault(index[name], {})[field] = value
-    param_groups = [{**g, "params": [index[n] for n in g["params"]]} for g in groups]
+        name, _, path = key.partition("/")  # parameter names hold dots, never a '/'
+        _put(state.setdefault(index[name], {}), path, value)
+    for g in groups:
+        for name, values in g.get("scalars", {}).items():
+            for path, value in values.items():
+                _put(state.setdefault(index[name], {}), path, value)
+    param_groups = [{**{k: v for k, v in g.items() if k != "scalars"}, "params": [index[n] for n in g["params"]]}
+                    for g in groups]
     for g in param_groups:
         if "betas" in g:
             g["betas"] = tuple(g["betas"])

@@ -16,6 +16,7 @@ from ..hints import Setting, SettingError
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
 COMPILE_MODES = ("auto", "on", "off")
+OPTIMIZERS = ("adamw", "adamw8bit")
 
 
 @dataclass
@@ -25,6 +26,8 @@ class TrainConfig:
     weight_decay: float = 0.01         # applied to matrices (A, B); never to biases or norms
     loraplus_ratio: float | None = None  # LoRA+ (Hayou et al. 2024): B's lr = ratio × lr (A's and the
                                          # rest's); the paper suggests 2^4; None: off, one lr for all
+    optimizer: str = "adamw"           # "adamw": torch's AdamW; "adamw8bit": bitsandbytes' 8-bit
+                                       # AdamW (Dettmers et al. 2022; QLoRA's optimizer), 1/4 of the state
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     warmup_steps: int = 0              # linear warmup from 0 to lr
@@ -61,7 +64,8 @@ class TrainConfig:
         # One sentence per bad value, each naming its option as a `Setting`, so the command line
         # can say `--lr` where Python users read `lr`.
         problems: list[list[str | Setting]] = []
-        for name, allowed in (("schedule", SCHEDULES), ("precision", PRECISIONS), ("compile", COMPILE_MODES)):
+        for name, allowed in (("schedule", SCHEDULES), ("precision", PRECISIONS), ("compile", COMPILE_MODES),
+                              ("optimizer", OPTIMIZERS)):
             if getattr(self, name) not in allowed:
                 problems.append([Setting(name, getattr(self, name)), f" is not one of {allowed}"])
         for name in ("batch_size", "grad_accum", "eval_every", "save_every", "log_every"):

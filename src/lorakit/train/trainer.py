@@ -30,7 +30,7 @@ from lorakit.adapters import trainable_parameters
 from lorakit.compiling import compile as compile_model
 from lorakit.config import init_from_weight
 from lorakit.files import fsync_directory
-from lorakit.hints import Setting
+from lorakit.hints import Setting, SettingError
 from lorakit.inject import lora_modules, lora_state
 from lorakit.layers import LoraLayer
 from lorakit.io import save_adapter
@@ -138,6 +138,8 @@ def _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter
     fingerprint = _fingerprint(config, lora_config, adapter_name, named, d, train_batches)
     if prefix is not None:  # only then: a checkpoint of a run without a prefix has no such key
         fingerprint["n_prefix"] = prefix.n_prefix
+    if config.optimizer != "adamw":  # likewise: checkpoints from before the option trained with AdamW
+        fingerprint["optimizer"] = config.optimizer
 
     # --- a new run, or the continuation of one ----------------------------------------------
     step, tokens, best_loss, best_step, since_best, window = 0, 0, None, None, 0, [0.0, 0]
@@ -224,8 +226,7 @@ def _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter
     named = _trainable(model, prefix)
     lora_b = _lora_b_ids(model, config)
     names, params = _in_optimizer_order(named, lora_b)
-    optimizer = torch.optim.AdamW(_param_groups(params, config, lora_b), lr=config.lr, betas=config.betas,
-                                  eps=config.eps)
+    optimizer = _optimizer(_param_groups(params, config, lora_b), config, fsdp)
     if resume:
         optimizer_from_files(optimizer, names, ckpt.optimizer_tensors, ckpt.state["optimizer_groups"])
         distributed.shard_optimizer_state_(optimizer)  # full tensors from the file -> this rank's shards
@@ -442,6 +443,23 @@ def _lora_b_ids(model: nn.Module, config: TrainConfig) -> frozenset[int]:
         raise ValueError("loraplus_ratio gives the B factors of LoRA adapters their own learning rate, and this "
                          "model trains none; inject an adapter, or leave loraplus_ratio unset")
     return found
+
+
+def _optimizer(groups: list[dict[str, Any]], config: TrainConfig, fsdp: bool) -> torch.optim.Optimizer:
+    """torch's AdamW, or bitsandbytes' 8-bit AdamW (``config.optimizer``), over ``groups``."""
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
+    if fsdp:
+        raise SettingError(Setting("optimizer", config.optimizer), " keeps bitsandbytes' quantized state, which FSDP "
+                           "does not shard; train under FSDP with ", Setting("optimizer", "adamw"))
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise SettingError(Setting("optimizer", config.optimizer), " is bitsandbytes' 8-bit AdamW, and bitsandbytes "
+                           "is not installed: pip install bitsandbytes, or train with ",
+                           Setting("optimizer", "adamw")) from None
+    # bitsandbytes keeps 32-bit state for tensors under 4,096 elements (min_8bit_size), as in its own default
+    return bnb.optim.AdamW8bit(groups, lr=config.lr, betas=config.betas, eps=config.eps)
 
 
 def _param_groups(params: list[nn.Parameter], config: TrainConfig, lora_b: frozenset[int]) -> list[dict[str, Any]]:
