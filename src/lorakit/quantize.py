@@ -11,6 +11,8 @@ bitsandbytes is imported only when a function here quantizes.
 
 from __future__ import annotations
 
+import logging
+
 from dataclasses import dataclass, field
 
 import torch
@@ -105,6 +107,21 @@ def model_bytes(model: nn.Module) -> int:
     return total
 
 
+def import_bitsandbytes(setting: Setting):
+    """``bitsandbytes``, imported without its log line about an optional CPU kernel package
+    ("kernels") that lorakit does not use; a missing bitsandbytes is a SettingError naming ``setting``."""
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise SettingError(setting, " needs bitsandbytes: pip install bitsandbytes") from None
+    finally:
+        logger.setLevel(level)
+    return bitsandbytes
+
+
 def quantize_model(model: nn.Module, quantization: Quantization, *, skip: tuple[str, ...] = (),
                    device: torch.device | str | None = None) -> QuantizeReport:
     """Replace the model's plain nn.Linear layers by bitsandbytes Linear4bit / Linear8bitLt, in place.
@@ -114,11 +131,7 @@ def quantize_model(model: nn.Module, quantization: Quantization, *, skip: tuple[
     and layers that already carry LoRA (quantize before ``inject``). Each layer is quantized on
     ``device`` (default: where its weight is) and stays there. Returns what was done.
     """
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        raise SettingError(Setting("quantize", quantization.scheme), " needs bitsandbytes: pip install "
-                           "bitsandbytes") from None
+    bnb = import_bitsandbytes(Setting("quantize", quantization.scheme))
     if model.__dict__.get("lora_state") is not None:
         raise ValueError("this model carries LoRA adapters already; quantize the base model before "
                          "lorakit.inject / load_adapter")

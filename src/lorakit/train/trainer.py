@@ -452,12 +452,9 @@ def _optimizer(groups: list[dict[str, Any]], config: TrainConfig, fsdp: bool) ->
     if fsdp:
         raise SettingError(Setting("optimizer", config.optimizer), " keeps bitsandbytes' quantized state, which FSDP "
                            "does not shard; train under FSDP with ", Setting("optimizer", "adamw"))
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        raise SettingError(Setting("optimizer", config.optimizer), " is bitsandbytes' 8-bit AdamW, and bitsandbytes "
-                           "is not installed: pip install bitsandbytes, or train with ",
-                           Setting("optimizer", "adamw")) from None
+    from lorakit.quantize import import_bitsandbytes
+
+    bnb = import_bitsandbytes(Setting("optimizer", config.optimizer))  # bitsandbytes' 8-bit AdamW
     # bitsandbytes keeps 32-bit state for tensors under 4,096 elements (min_8bit_size), as in its own default
     return bnb.optim.AdamW8bit(groups, lr=config.lr, betas=config.betas, eps=config.eps)
 
