@@ -52,32 +52,41 @@ def planned_count(rank: int, n_prefix: int, targets: list[str]) -> int:
     return lorakit.trainable_parameters(model)[0] + n_prefix * hidden
 
 
-def run_arm(name: str, rank: int, n_prefix: int, seed: int, args: argparse.Namespace, out_root: Path) -> dict:
+def train_and_score(lora: lorakit.LoraConfig, n_prefix: int, seed: int, args: argparse.Namespace,
+                    out_dir: Path) -> dict:
+    """One `finetune` run of the demo task with ``lora`` (and ``n_prefix`` prefix embeddings), then its
+    scores: trainable parameters, validation and training loss, the format and exact-match rates of
+    greedy answers to the first ``args.score`` held-out records, the training time, three examples.
+    `variants_quality.py` runs its arms through this too."""
     data = DataSpec(train=DEMO_DATA, seq_len=args.seq_len, chat_template=True,
                     demo_examples=(args.train_examples, args.eval_examples))
     _, held_out = demo_task(*data.demo_examples)
     scored = held_out[:args.score]
     config = TrainConfig(lr=args.lr, max_steps=args.steps, warmup_steps=max(args.steps // 10, 1),
                          batch_size=args.batch_size, eval_every=args.steps, save_every=args.steps,
-                         log_every=max(args.steps // 4, 1), seed=seed, out_dir=out_root / f"{name}-s{seed}",
+                         log_every=max(args.steps // 4, 1), seed=seed, out_dir=out_dir,
                          overwrite=True, device="cpu", progress=False)
     model, tokenizer = load_causal_lm("default")
     start = time.perf_counter()
-    result, model, tokenizer = finetune("default", data, lora_config(rank, args.targets), config, model=model,
-                                        tokenizer=tokenizer, n_prefix=n_prefix)
+    result, model, tokenizer = finetune("default", data, lora, config, model=model, tokenizer=tokenizer,
+                                        n_prefix=n_prefix)
     train_s = time.perf_counter() - start
     prefix = load_prefix(result.adapter_dir)
     answers = generate_text(model, tokenizer, [ex.prompt for ex in scored], chat_template=True,
                             max_new_tokens=40, batch_size=len(scored), progress=False, prefix=prefix)
     targets = [ex.completion for ex in scored]
-    return {"arm": name, "seed": seed, "rank": rank, "n_prefix": n_prefix,
-            "trainable_parameters": result.trainable_parameters,
+    return {"trainable_parameters": result.trainable_parameters,
             "eval_loss": result.eval_metrics.get("eval_loss"), "best_eval_loss": result.best_eval_loss,
             "train_loss": result.train_loss,
             "format_rate": sum(bool(LINE_PATTERN.match(a)) for a in answers) / len(answers),
             "exact_match": sum(a == t for a, t in zip(answers, targets)) / len(answers),
             "train_seconds": round(train_s, 1), "examples": [{"answer": a, "target": t}
                                                              for a, t in list(zip(answers, targets))[:3]]}
+
+
+def run_arm(name: str, rank: int, n_prefix: int, seed: int, args: argparse.Namespace, out_root: Path) -> dict:
+    return {"arm": name, "seed": seed, "rank": rank, "n_prefix": n_prefix,
+            **train_and_score(lora_config(rank, args.targets), n_prefix, seed, args, out_root / f"{name}-s{seed}")}
 
 
 def main() -> None:

@@ -30,13 +30,15 @@ import json
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_speed import git  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 LLAMA3_70B = {"hidden": 8192, "intermediate": 28672, "layers": 80, "heads": 64, "kv_heads": 8, "vocab": 128256}
@@ -175,13 +177,6 @@ def run(args) -> dict:
 
 def report(args, result: dict) -> dict:
     from importlib.metadata import version
-
-    def git(*cmd):
-        try:
-            return subprocess.run(["git", *cmd], capture_output=True, text=True, timeout=10,
-                                  cwd=Path(__file__).parent.parent).stdout.strip() or None
-        except (OSError, subprocess.TimeoutExpired):
-            return None
 
     shape = {key: getattr(args, key) for key in LLAMA3_70B}
     return {

@@ -60,7 +60,6 @@ import datetime
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -85,7 +84,7 @@ LORA_R, LORA_ALPHA, FACTOR_STD = 16, 32, 0.05  # std 0.05: ΔW = s·B·A has ent
 
 
 # The shapes (layers and widths) of train_speed.py; its batch and sequence fields are not used here.
-from train_speed import SHAPES, Shape  # noqa: E402
+from train_speed import SHAPES, Shape, git  # noqa: E402
 
 
 # --- setup -----------------------------------------------------------------------------------
@@ -290,13 +289,6 @@ class Run:
 
     def write(self, complete: bool) -> None:
         from importlib.metadata import version
-
-        def git(*cmd):
-            try:
-                return subprocess.run(["git", *cmd], capture_output=True, text=True, timeout=10,
-                                      cwd=Path(__file__).parent.parent).stdout.strip() or None
-            except (OSError, subprocess.TimeoutExpired):
-                return None
 
         self.add_ratios()
         args = self.args

@@ -488,16 +488,19 @@ def run_matrix(args) -> None:
     print(f"\nwrote {out}")
 
 
+def git(*cmd: str) -> str | None:
+    """``git *cmd`` in the repository (its stripped output), or None without git or a repository:
+    what every benchmark's JSON records of the tree it ran on."""
+    try:
+        return subprocess.run(["git", *cmd], capture_output=True, text=True, timeout=10,
+                              cwd=Path(__file__).parent.parent).stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
 def report(args, rows: list[dict], complete: bool) -> dict:
     """The JSON document: environment, arguments, rows (``complete`` False while a run is going)."""
     from importlib.metadata import version
-
-    def git(*cmd):
-        try:
-            return subprocess.run(["git", *cmd], capture_output=True, text=True, timeout=10,
-                                  cwd=Path(__file__).parent.parent).stdout.strip() or None
-        except (OSError, subprocess.TimeoutExpired):
-            return None
 
     # from the rows: a CUDA context in this process would hold GPU memory the rows' processes lack
     gpu = next((r["gpu"] for r in rows if r.get("gpu")), None) or (

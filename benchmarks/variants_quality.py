@@ -19,7 +19,6 @@ import json
 import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -28,12 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import lorakit  # noqa: E402
-from lorakit.data import demo_task  # noqa: E402
-from lorakit.demo_task import LINE_PATTERN  # noqa: E402
-from lorakit.finetune import DEMO_DATA, DataSpec, finetune  # noqa: E402
-from lorakit.generate import generate_text  # noqa: E402
-from lorakit.models import load_causal_lm  # noqa: E402
-from lorakit.train import TrainConfig  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from prefix_vs_lora import train_and_score  # noqa: E402
 
 ARMS = {  # name -> LoraConfig fields beside r, alpha, dropout and targets
     "lora": {},
@@ -48,30 +44,8 @@ def lora_config(arm: str, rank: int, targets: list[str]) -> lorakit.LoraConfig:
 
 
 def run_arm(arm: str, seed: int, args: argparse.Namespace, out_root: Path) -> dict:
-    data = DataSpec(train=DEMO_DATA, seq_len=args.seq_len, chat_template=True,
-                    demo_examples=(args.train_examples, args.eval_examples))
-    _, held_out = demo_task(*data.demo_examples)
-    scored = held_out[:args.score]
-    config = TrainConfig(lr=args.lr, max_steps=args.steps, warmup_steps=max(args.steps // 10, 1),
-                         batch_size=args.batch_size, eval_every=args.steps, save_every=args.steps,
-                         log_every=max(args.steps // 4, 1), seed=seed, out_dir=out_root / f"{arm}-s{seed}",
-                         overwrite=True, device="cpu", progress=False)
-    model, tokenizer = load_causal_lm("default")
-    start = time.perf_counter()
-    result, model, tokenizer = finetune("default", data, lora_config(arm, args.rank, args.targets), config,
-                                        model=model, tokenizer=tokenizer)
-    train_s = time.perf_counter() - start
-    answers = generate_text(model, tokenizer, [ex.prompt for ex in scored], chat_template=True,
-                            max_new_tokens=40, batch_size=len(scored), progress=False)
-    targets = [ex.completion for ex in scored]
     return {"arm": arm, "seed": seed, "rank": args.rank, "config": ARMS[arm],
-            "trainable_parameters": result.trainable_parameters,
-            "eval_loss": result.eval_metrics.get("eval_loss"), "best_eval_loss": result.best_eval_loss,
-            "train_loss": result.train_loss,
-            "format_rate": sum(bool(LINE_PATTERN.match(a)) for a in answers) / len(answers),
-            "exact_match": sum(a == t for a, t in zip(answers, targets)) / len(answers),
-            "train_seconds": round(train_s, 1),
-            "examples": [{"answer": a, "target": t} for a, t in list(zip(answers, targets))[:3]]}
+            **train_and_score(lora_config(arm, args.rank, args.targets), 0, seed, args, out_root / f"{arm}-s{seed}")}
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ stop string is held back, so the released text never contains a stop string (or 
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 INCOMPLETE = "\ufffd"
@@ -24,14 +25,21 @@ def decoder(tokenizer) -> Callable[[list[int]], str]:
     ``clean_up_tokenization_spaces``, that is the Rust tokenizer's own decode, called directly: a
     third of the cost per token (the engine's thread decodes every token of every streamed request)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", True):
-        try:  # transformers 5 names the base class TokenizersBackend, 4.x PreTrainedTokenizerFast
-            from transformers.tokenization_utils_tokenizers import TokenizersBackend as FastBase
-        except ImportError:  # pragma: no cover - transformers 4.x
-            from transformers import PreTrainedTokenizerFast as FastBase
-        if type(tokenizer)._decode is FastBase._decode:
-            return lambda ids: backend.decode(ids, skip_special_tokens=True)
+    if (backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", True)
+            and type(tokenizer)._decode is _fast_base()._decode):
+        return lambda ids: backend.decode(ids, skip_special_tokens=True)
     return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+
+
+@functools.cache
+def _fast_base() -> type:
+    """transformers' base class of fast tokenizers: TokenizersBackend in 5.x, PreTrainedTokenizerFast in 4.x."""
+    try:
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+        return TokenizersBackend
+    except ImportError:  # pragma: no cover - transformers 4.x
+        from transformers import PreTrainedTokenizerFast
+        return PreTrainedTokenizerFast
 
 
 class IncrementalText:

@@ -30,7 +30,7 @@ from lorakit.adapters import trainable_parameters
 from lorakit.compiling import compile as compile_model
 from lorakit.config import init_from_weight
 from lorakit.files import fsync_directory
-from lorakit.hints import Setting, SettingError
+from lorakit.hints import Setting
 from lorakit.inject import lora_modules, lora_state
 from lorakit.layers import LoraLayer
 from lorakit.io import save_adapter
@@ -43,6 +43,7 @@ from .config import TrainConfig, TrainResult
 from .evaluation import EvalFn, evaluate
 from .log import MetricsLog, read_metrics, write_json_atomic
 from .loss import LossFn, compute_loss
+from .optimizer import lora_b_ids, make_optimizer, optimizer_order, param_groups
 from .plot import plot_losses
 from .schedule import lr_factor
 
@@ -127,7 +128,7 @@ def _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter
     named = _trainable(model, prefix)
     if not named:
         raise ValueError("the model has no trainable parameters; inject an adapter with lorakit.inject first")
-    names, params = _in_optimizer_order(named, _lora_b_ids(model, config))
+    names, params = optimizer_order(named, lora_b_ids(model, config))
     per_epoch = len(train_batches) if hasattr(train_batches, "__len__") else None
     if config.max_steps is None and not per_epoch:
         raise ValueError("train_batches has no length, so epochs cannot be counted; set config.max_steps")
@@ -224,9 +225,9 @@ def _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter
     forward = compile_model(wrapped) if compiled else wrapped
     # FSDP replaced the parameters with sharded ones (same names): the optimizer holds those.
     named = _trainable(model, prefix)
-    lora_b = _lora_b_ids(model, config)
-    names, params = _in_optimizer_order(named, lora_b)
-    optimizer = _optimizer(_param_groups(params, config, lora_b), config, fsdp)
+    lora_b = lora_b_ids(model, config)
+    names, params = optimizer_order(named, lora_b)
+    optimizer = make_optimizer(param_groups(params, config, lora_b), config, fsdp)
     if resume:
         optimizer_from_files(optimizer, names, ckpt.optimizer_tensors, ckpt.state["optimizer_groups"])
         distributed.shard_optimizer_state_(optimizer)  # full tensors from the file -> this rank's shards
@@ -420,56 +421,6 @@ def _compile_hint(first_compiled_step: bool):
             e.add_note("lorakit: this was the first step, which runs torch.compile; if the error comes from "
                        "compilation, train without it: TrainConfig(compile='off') (--no-compile)")
         raise
-
-
-def _in_optimizer_order(named: list[tuple[str, nn.Parameter]],
-                        lora_b: frozenset[int] = frozenset()) -> tuple[list[str], list[nn.Parameter]]:
-    """(names, params) as the optimizer holds them: matrices (decayed) first, then 1-D tensors
-    (biases, norms: not decayed, as is usual for AdamW). With LoRA+, the matrices are the B's
-    (ids in ``lora_b``) last, so each group is a contiguous run of the list."""
-    matrices = [(n, p) for n, p in named if p.ndim >= 2]
-    ordered = [(n, p) for n, p in matrices if id(p) not in lora_b] + [(n, p) for n, p in matrices if id(p) in lora_b] \
-        + [(n, p) for n, p in named if p.ndim < 2]
-    return [n for n, _ in ordered], [p for _, p in ordered]
-
-
-def _lora_b_ids(model: nn.Module, config: TrainConfig) -> frozenset[int]:
-    """With LoRA+ (``config.loraplus_ratio``), the ids of the trainable B factors, found by type; else none."""
-    if config.loraplus_ratio is None:
-        return frozenset()
-    found = frozenset(id(p) for _, m in lora_modules(model) if isinstance(m, LoraLayer)
-                      for p in m.lora_B.values() if p.requires_grad)
-    if not found:
-        raise ValueError("loraplus_ratio gives the B factors of LoRA adapters their own learning rate, and this "
-                         "model trains none; inject an adapter, or leave loraplus_ratio unset")
-    return found
-
-
-def _optimizer(groups: list[dict[str, Any]], config: TrainConfig, fsdp: bool) -> torch.optim.Optimizer:
-    """torch's AdamW, or bitsandbytes' 8-bit AdamW (``config.optimizer``), over ``groups``."""
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
-    if fsdp:
-        raise SettingError(Setting("optimizer", config.optimizer), " keeps bitsandbytes' quantized state, which FSDP "
-                           "does not shard; train under FSDP with ", Setting("optimizer", "adamw"))
-    from lorakit.quantize import import_bitsandbytes
-
-    bnb = import_bitsandbytes(Setting("optimizer", config.optimizer))  # bitsandbytes' 8-bit AdamW
-    # bitsandbytes keeps 32-bit state for tensors under 4,096 elements (min_8bit_size), as in its own default
-    return bnb.optim.AdamW8bit(groups, lr=config.lr, betas=config.betas, eps=config.eps)
-
-
-def _param_groups(params: list[nn.Parameter], config: TrainConfig, lora_b: frozenset[int]) -> list[dict[str, Any]]:
-    """AdamW's groups, in the order of ``params``: decayed matrices, (LoRA+: the B's, decayed, with
-    ``lr_ratio``, which the schedule multiplies lr by), then the 1-D tensors without decay."""
-    matrices = [p for p in params if p.ndim >= 2 and id(p) not in lora_b]
-    groups = [{"params": matrices, "weight_decay": config.weight_decay}]
-    if lora_b:
-        # §LoRA+ (Hayou et al. 2024): η_B = λ·η_A; weight decay as for any other matrix.
-        groups.append({"params": [p for p in params if id(p) in lora_b], "weight_decay": config.weight_decay,
-                       "lr": config.lr * config.loraplus_ratio, "lr_ratio": float(config.loraplus_ratio)})
-    groups.append({"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0})
-    return groups
 
 
 PREFIX_PARAM = "prefix_embeddings"  # the prefix's name in checkpoints (no model parameter has it)
