@@ -4,7 +4,6 @@ float64, PEFT loading the saved result, and errors that leave the model as it wa
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 

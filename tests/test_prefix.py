@@ -9,7 +9,6 @@ on ``cat(prefix, embed(ids))``; generation must equal argmax over full forwards 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

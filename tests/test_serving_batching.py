@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerFast
 from lorakit.data import encode_prompt
 from lorakit.serving import Engine
 from lorakit.serving.kv_cache import SlotLayer
+from lorakit.serving.runner import Runner
 from lorakit.serving.text import IncrementalText
 
 from conftest import tiny_llama
@@ -117,13 +118,13 @@ def test_more_requests_than_slots_queue_and_finish(paths, references) -> None:
 
 def test_a_prefill_budget_spreads_arrivals_over_steps(paths, references, monkeypatch) -> None:
     engine = engine_with(paths, max_prefill_tokens=12)
-    sizes, prefill = [], Engine._prefill_forward
+    sizes, prefill = [], Runner.prefill
 
-    def recording(self, requests):
+    def recording(self, requests, pad_id):
         sizes.append((len(requests), max(len(r.prompt) for r in requests)))
-        return prefill(self, requests)
+        return prefill(self, requests, pad_id)
 
-    monkeypatch.setattr(Engine, "_prefill_forward", recording)
+    monkeypatch.setattr(Runner, "prefill", recording)
     adapters = ["qv", "all", None, "mlp", "own", "qv"]
     requests = [engine.submit(p, a, max_new_tokens=NEW, ignore_eos=True) for p, a in zip(PROMPTS, adapters)]
     run_to_end(engine)

@@ -12,7 +12,7 @@ from lorakit.serving.bank import BankModule
 from lorakit.serving.ops import segmented_lora_dense, segmented_lora_reference, slot_columns_mask
 
 from conftest import tiny_llama
-from test_serving import NEW, PEFT_ADAPTERS, PROMPTS, engine_with, greedy, paths, references, save_peft  # noqa: F401
+from test_serving import NEW, PROMPTS, engine_with, greedy, paths, references  # noqa: F401
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -9,7 +9,8 @@
 
 Each row of a batch uses its own adapter (or the base model) through the bank's stacked factors
 (`bank.py`) and the segmented op (`ops.py`), inside the model's own forward: the engine wraps the
-base model's adapted linear layers (`layers.py`) and sets the rows' bank slots once per forward.
+base model's adapted linear layers (`layers.py`), and its runner (`runner.py`) sets the rows' bank
+slots once per forward. This file schedules; the runner makes the logits.
 
 Continuous batching: requests wait in a queue (first come, first served) and join the running
 batch between steps, as long as there is a free KV slot (``max_batch``) and a bank slot for their
@@ -40,8 +41,6 @@ Not built yet: the Triton kernels, chunked prefill mixed into the decode forward
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import os
 from collections import deque
 from typing import Iterator, Sequence, Union
@@ -54,12 +53,12 @@ from ..inject import lora_modules
 from ..prefix import load_prefix, model_hidden_size
 from . import attention as attention_names
 from .bank import AdapterBank
-from .graphs import DecodeGraphs
-from .kv_cache import CacheWindow, SlotCache
+from .kv_cache import SlotCache
 from .layers import SlotRoute, install, uninstall, wrapped
 from .merging import MergedWeights
 from .reader import AdapterFactors, structure_copy
-from .request import MAX_TOP_LOGPROBS, Event, Request, TokenLogprob, prompt_kind, seeds_for, stop_strings
+from .request import MAX_TOP_LOGPROBS, Event, Request, prompt_kind, seeds_for, stop_strings, token_logprobs
+from .runner import Runner
 from .sampling import SamplingParams, next_tokens
 from .text import IncrementalText
 
@@ -117,19 +116,15 @@ class Engine:
                                 dtype=_float_dtype(model), device=self.device)
         self.route = SlotRoute()
         self.prefixes: dict[str, torch.Tensor] = {}  # adapter name -> its prefix embeddings (n, hidden)
-        self.merge_single_adapter = merge_single_adapter
         self.merged = MergedWeights(model)
         self.cache = SlotCache.for_model(config, slots=max_batch, max_seq_len=max_seq_len, dtype=_float_dtype(model),
                                          device=self.device)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # running[k] holds KV slot k: the running rows stay packed
-        if cuda_graphs is None:
-            cuda_graphs = self.device.type == "cuda"
-        self.graphs = DecodeGraphs(self._decode_run, max_batch=max_batch, max_seq_len=max_seq_len, device=self.device,
-                                   capture=self.device.type == "cuda") if cuda_graphs else None
-        accepted = inspect.signature(model.forward).parameters
-        self._keeps_logits = "logits_to_keep" in accepted
-        self._cache_argument = "cache" if "cache" in accepted else "past_key_values"  # renamed in transformers 5.x
+        self.runner = Runner(model, self.cache, self.bank, self.route, self.merged, self.prefixes, device=self.device,
+                             merge_single_adapter=merge_single_adapter, max_batch=max_batch, max_seq_len=max_seq_len,
+                             cuda_graphs=self.device.type == "cuda" if cuda_graphs is None else cuda_graphs)
+        self.graphs = self.runner.graphs
         # last, so a refused engine leaves the model as it was: decode attention on the slot cache without
         # repeating K/V heads (`attention.py`), until close()
         self._own_attention = attention
@@ -224,9 +219,9 @@ class Engine:
             joining = self._admit()
             events = []
             if decoding:
-                events += self._advance(decoding, self._decode_forward(decoding))
+                events += self._advance(decoding, self.runner.decode(decoding))
             if joining:
-                events += self._advance(joining, self._prefill_forward(joining))
+                events += self._advance(joining, self.runner.prefill(joining, self._pad_id()))
             for request in sorted((r for r in self.running if r.finished), key=lambda r: -r.row):
                 self._leave(request)  # highest row first, so the row moved into a freed one is a live one
         return events
@@ -361,7 +356,7 @@ class Engine:
         events = []
         chosen = next_tokens(logits, [r.params for r in requests], [r.generator for r in requests])
         chosen_ids = chosen.tolist()
-        scored = _logprobs(logits, chosen, chosen_ids, requests)
+        scored = token_logprobs(logits, chosen, chosen_ids, requests)
         for request, token in zip(requests, chosen_ids):
             text, detok, scores = "", request.detokenizer, []
             if token in eos and not request.ignore_eos:
@@ -381,93 +376,6 @@ class Engine:
                 text += detok.finish()
             events.append(Event(request.id, tokens, text, request.finish_reason, scores))
         return events
-
-    def _decode_forward(self, requests: list[Request]) -> torch.Tensor:
-        """Rows 0..n-1 (the running requests) feed their last token: logits (n, V)."""
-        if self.graphs is not None:
-            slots = self._forward_slots(requests)
-            rank = self.bank.widest_rank if any(s >= 0 for s in slots) else 0
-            return self.graphs.logits([r.tokens[-1] for r in requests], [r.cached for r in requests], slots, rank)
-        window = self.cache.open(0, [r.cached for r in requests], 1)
-        ids = torch.tensor([[r.tokens[-1]] for r in requests], device=self.device)             # (n, 1)
-        return self._forward(ids, window, requests)[:, -1]
-
-    def _prefill_forward(self, requests: list[Request]) -> torch.Tensor:
-        """The joining requests' prompts, right padded, into their fresh slots: last-token logits (k, V)."""
-        width = max(len(r.prompt) for r in requests)
-        ids = torch.full((len(requests), width), self._pad_id(), dtype=torch.long)
-        for i, r in enumerate(requests):
-            ids[i, :len(r.prompt)] = torch.tensor(r.prompt, dtype=torch.long)
-        # Logits of the last positions only, from the shortest prompt's last token on: an int
-        # logits_to_keep means that in every transformers version (a per-row index tensor does not).
-        kept = width - min(len(r.prompt) for r in requests) + 1
-        window = self.cache.open(requests[0].row, [0] * len(requests), width)
-        ids = ids.to(self.device)
-        logits = self._forward(ids, window, requests, keep=kept, inputs_embeds=self._prefixed_embeds(ids, requests))
-        first = width - logits.shape[1]  # 0 when the model gave every position's logits
-        last = torch.tensor([[len(r.prompt) - 1 - first] for r in requests], device=self.device)  # (k, 1)
-        logits = logits.gather(1, last[..., None].expand(-1, -1, logits.shape[-1]))
-        return logits[:, 0]
-
-    def _prefixed_embeds(self, ids: torch.Tensor, requests: list[Request]) -> torch.Tensor | None:
-        """The prefill's input embeddings (k, T, H) with each prefixed request's placeholders (its
-        first n_prefix columns) replaced by its adapter's prefix rows; None when no request has one."""
-        rows = [(i, self.prefixes[r.adapter]) for i, r in enumerate(requests) if r.adapter in self.prefixes]
-        if not rows:
-            return None
-        embeds = self.model.get_input_embeddings()(ids)                                   # (k, T, H)
-        for i, prefix in rows:
-            embeds[i, :prefix.shape[0]] = prefix.to(embeds.dtype)
-        return embeds
-
-    def _forward(self, input_ids: torch.Tensor, window: CacheWindow, requests: list[Request],
-                 keep: int = 1, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """One forward through the cache window, each row through its request's adapter: logits.
-        With ``inputs_embeds`` (a prefill with prefix embeddings), those go in instead of the ids."""
-        kw = {self._cache_argument: self.cache}
-        if self._keeps_logits:
-            kw["logits_to_keep"] = keep  # the last `keep` positions
-        slots = self._forward_slots(requests)
-        # with CUDA graphs on, prefill takes the dense op too: no host sync, one GEMM pair per layer
-        dense = (self.bank.max_adapters, self.bank.widest_rank, self.cache.dtype) if self.graphs is not None else None
-        routed = self.route.rows(torch.tensor(slots, device=self.device), input_ids.shape[1], dense=dense) \
-            if any(s >= 0 for s in slots) else contextlib.nullcontext()
-        try:
-            inputs = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
-            with routed:
-                out = self.model(**inputs, attention_mask=window.attention_mask(self.cache.dtype),
-                                 position_ids=window.positions(), use_cache=True, **kw)
-        finally:
-            self.cache.window = None
-        return out.logits
-
-    def _forward_slots(self, requests: list[Request]) -> list[int]:
-        """The bank slot of each row of the next forward (-1: base), after merging its one adapter
-        if the policy says so (every row's adapter is then in the weights: -1 everywhere)."""
-        adapters = {r.adapter for r in requests}
-        alone = next(iter(adapters)) if len(adapters) == 1 else None
-        self.merged.use(alone if self.merge_single_adapter else None, self.bank)
-        if self.merged.name is not None:
-            return [-1] * len(requests)
-        return [r.bank_slot for r in requests]
-
-    def _decode_run(self, ids: torch.Tensor, cached: torch.Tensor, slots: torch.Tensor, width: int,
-                    rank: int) -> torch.Tensor:
-        """The decode forward of `graphs.DecodeGraphs` on its buffers: rows 0..R-1, one token each,
-        attending over ``width`` cache positions, through the dense op at ``rank`` (0: base only)."""
-        kw = {self._cache_argument: self.cache}
-        if self._keeps_logits:
-            kw["logits_to_keep"] = 1
-        window = self.cache.window = CacheWindow(0, cached, 1, width)
-        dense = (self.bank.max_adapters, rank, self.cache.dtype)
-        routed = self.route.rows(slots, 1, dense=dense) if rank else contextlib.nullcontext()
-        try:
-            with routed:
-                out = self.model(input_ids=ids, attention_mask=window.attention_mask(self.cache.dtype),
-                                 position_ids=window.positions(), use_cache=True, **kw)
-        finally:
-            self.cache.window = None
-        return out.logits
 
     # --- inputs and outputs ------------------------------------------------------------------
 
@@ -534,27 +442,6 @@ class Engine:
                 f"max_seq_len={self.max_seq_len}, max_adapters={self.bank.max_adapters}, "
                 f"max_rank={self.bank.max_rank}, "
                 f"running={len(self.running)}, waiting={len(self.waiting)})")
-
-
-def _logprobs(logits: torch.Tensor, chosen: torch.Tensor, chosen_ids: list[int],
-              requests: list[Request]) -> dict[Request, TokenLogprob]:
-    """The chosen tokens' log-probabilities (and the top k) for the requests that asked: one
-    log-softmax over their rows, in float32, and one copy to the host."""
-    rows = [i for i, r in enumerate(requests) if r.top_logprobs is not None]
-    if not rows:
-        return {}
-    index = torch.tensor(rows, device=logits.device)
-    scores = logits.index_select(0, index).float().log_softmax(-1)                  # (k, V)
-    mine = scores.gather(1, chosen.index_select(0, index)[:, None])[:, 0].tolist()
-    k = max(requests[i].top_logprobs for i in rows)
-    top = scores.topk(k, dim=-1) if k else None
-    top_values, top_ids = (top.values.tolist(), top.indices.tolist()) if top is not None else ([], [])
-    out = {}
-    for j, i in enumerate(rows):
-        r = requests[i]
-        best = list(zip(top_ids[j][:r.top_logprobs], top_values[j][:r.top_logprobs])) if k else []
-        out[r] = TokenLogprob(chosen_ids[i], mine[j], best)
-    return out
 
 
 def _check_plain(model: nn.Module) -> None:

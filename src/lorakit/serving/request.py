@@ -109,3 +109,24 @@ def seeds_for(seed, n: int) -> list[int | None]:
     if len(seeds) != n:
         raise ValueError(f"seed must be an int or one seed per prompt ({n}), got {len(seeds)} seeds")
     return seeds
+
+
+def token_logprobs(logits: torch.Tensor, chosen: torch.Tensor, chosen_ids: list[int],
+                   requests: list[Request]) -> dict[Request, TokenLogprob]:
+    """The chosen tokens' log-probabilities (and the top k) for the requests that asked: one
+    log-softmax over their rows, in float32, and one copy to the host."""
+    rows = [i for i, r in enumerate(requests) if r.top_logprobs is not None]
+    if not rows:
+        return {}
+    index = torch.tensor(rows, device=logits.device)
+    scores = logits.index_select(0, index).float().log_softmax(-1)                  # (k, V)
+    mine = scores.gather(1, chosen.index_select(0, index)[:, None])[:, 0].tolist()
+    k = max(requests[i].top_logprobs for i in rows)
+    top = scores.topk(k, dim=-1) if k else None
+    top_values, top_ids = (top.values.tolist(), top.indices.tolist()) if top is not None else ([], [])
+    out = {}
+    for j, i in enumerate(rows):
+        r = requests[i]
+        best = list(zip(top_ids[j][:r.top_logprobs], top_values[j][:r.top_logprobs])) if k else []
+        out[r] = TokenLogprob(chosen_ids[i], mine[j], best)
+    return out
