@@ -14,7 +14,6 @@ import json
 import random
 import shutil
 import time
-import uuid
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from itertools import islice
@@ -29,12 +28,9 @@ from tqdm.auto import tqdm
 from lorakit.adapters import trainable_parameters
 from lorakit.compiling import compile as compile_model
 from lorakit.config import init_from_weight
-from lorakit.files import fsync_directory
 from lorakit.hints import Setting
-from lorakit.inject import lora_modules, lora_state
-from lorakit.layers import LoraLayer
-from lorakit.io import save_adapter
-from lorakit.prefix import PrefixEmbedding, has_prefix, prefix_batch, prefix_path, save_prefix
+from lorakit.inject import lora_state
+from lorakit.prefix import PrefixEmbedding, prefix_batch
 
 from . import distributed
 from .checkpoint import (ResumeError, capture_rng, check_fingerprint, find_checkpoint, load_checkpoint,
@@ -45,6 +41,7 @@ from .log import MetricsLog, read_metrics, write_json_atomic
 from .loss import LossFn, compute_loss
 from .optimizer import lora_b_ids, make_optimizer, optimizer_order, param_groups
 from .plot import plot_losses
+from .run_folder import holds_run, replace_run, run_paths, save_product_on_main, saved_converted
 from .schedule import lr_factor
 
 StepCallback = Callable[[int, Mapping[str, float]], None]
@@ -101,7 +98,7 @@ def train(model: nn.Module, train_batches: Iterable[Mapping[str, torch.Tensor]],
 def _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter_name, resume, on_step,
            d: distributed.Dist, device: torch.device, prefix: PrefixEmbedding | None = None) -> TrainResult:
     out = Path(config.out_dir)
-    paths = _run_paths(out)
+    paths = run_paths(out)
     staging = None  # --overwrite: the folder the new run writes to until it replaces the old one
     say = tqdm.write if (config.progress and d.is_main) else (lambda *a, **k: None)  # tqdm.write: the bar stays whole
     bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
@@ -169,10 +166,10 @@ def _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter
             raise ResumeError(f"{paths['checkpoint']} holds a checkpoint of an earlier run; pass ",
                               Setting("resume", True), " to continue it, or ", Setting("overwrite", True),
                               " to start afresh")
-        if config.overwrite and _holds_run(out):
+        if config.overwrite and holds_run(out):
             # The old run stays whole, and resumable, until this one has a checkpoint to put in its place.
             staging = out / ".overwrite"  # inside out: the renames stay on its file system
-            paths = _run_paths(staging)
+            paths = run_paths(staging)
             if d.is_main:
                 shutil.rmtree(staging, ignore_errors=True)  # left by an earlier attempt that was killed
         random.seed(config.seed + d.rank)  # each rank its own dropout masks
@@ -192,8 +189,8 @@ def _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter
                 "total_steps": total_steps, "world_size": d.world_size, "device": str(device),
                 "precision": "bf16 autocast" if bf16 else "float32", "compiled": compiled, "torch": torch.__version__,
                 "lorakit": _lorakit_version(), "resumed_from_step": step if resume else None}
-    converted = adapter_name is not None and _saved_converted(model, adapter_name)
-    if converted:  # PiSSA/OLoRA: the product is for the untouched base model (_save_product)
+    converted = adapter_name is not None and saved_converted(model, adapter_name)
+    if converted:  # PiSSA/OLoRA: the product is for the untouched base model (run_folder.save_product_on_main)
         run_info["saved_adapter"] = {"converted_from": lora_config.init, "r": 2 * lora_config.r}
     if d.is_main:
         paths["run"].parent.mkdir(parents=True, exist_ok=True)
@@ -305,7 +302,7 @@ def _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter
                     if best_loss is None or eval_metrics["eval_loss"] < best_loss:
                         best_loss, best_step, since_best = eval_metrics["eval_loss"], step, 0
                         if config.keep_best:
-                            _save_product_on_main(model, named, paths["best"], adapter_name, d, fsdp, prefix)
+                            save_product_on_main(model, named, paths["best"], adapter_name, d, fsdp, prefix)
                     else:
                         since_best += 1
                         stopped = config.early_stopping_patience is not None and \
@@ -326,9 +323,9 @@ def _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter
                                            "log_window": window})
                     plot_losses(paths["metrics"], paths["plot"])
                     if staging is not None:
-                        _replace_run(staging, out)
+                        replace_run(staging, out)
                 if staging is not None:  # from now on the run is in out, on every rank
-                    staging, paths = None, _run_paths(out)
+                    staging, paths = None, run_paths(out)
                     log.path = paths["metrics"]
             if on_step is not None:
                 on_step(step, {"loss": loss, "lr": lr, "grad_norm": grad_norm.item(),
@@ -340,7 +337,7 @@ def _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter
             shutil.rmtree(staging, ignore_errors=True)
 
     # --- the product ----------------------------------------------------------------------------
-    _save_product_on_main(model, named, paths["adapter"], adapter_name, d, fsdp, prefix)
+    save_product_on_main(model, named, paths["adapter"], adapter_name, d, fsdp, prefix)
     if d.is_main:
         plot = plot_losses(paths["metrics"], paths["plot"])
     distributed.barrier(d)
@@ -362,38 +359,6 @@ def _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter
             + ([f"best eval loss {best_loss:.4f} (step {best_step})"] if best_loss is not None else [])
         say(", ".join(done) + f"; adapter in {paths['adapter']}, metrics in {paths['metrics']}")
     return result
-
-
-# What a run directory holds; --overwrite replaces these entries and leaves anything else there alone
-# (labels.json is written by lorakit.finetune).
-RUN_ENTRIES = ("adapter", "best", "checkpoint", "metrics.jsonl", "loss.png", "run.json", "labels.json")
-
-
-def _run_paths(folder: Path) -> dict[str, Path]:
-    return {"adapter": folder / "adapter", "best": folder / "best", "checkpoint": folder / "checkpoint",
-            "metrics": folder / "metrics.jsonl", "plot": folder / "loss.png", "run": folder / "run.json"}
-
-
-def _holds_run(folder: Path) -> bool:
-    return folder.is_dir() and (any((folder / name).exists() for name in RUN_ENTRIES)
-                                or find_checkpoint(folder / "checkpoint") is not None)
-
-
-def _replace_run(new: Path, out: Path) -> None:
-    """Put the run in `new` in the place of the run in `out`, entry by entry (renames, one file
-    system): the old entries first move to a folder aside, then the new ones in, then the aside
-    folder is deleted. Files in `out` that are no part of a run stay."""
-    aside = out / f".replaced-{uuid.uuid4().hex[:8]}"
-    aside.mkdir()
-    leftovers = [*out.glob(".checkpoint.old-*"), *out.glob(".checkpoint.tmp-*")]  # of saves that were killed
-    for entry in [out / name for name in RUN_ENTRIES] + leftovers:
-        if entry.exists():
-            entry.rename(aside / entry.name)
-    for entry in sorted(new.iterdir()):
-        entry.rename(out / entry.name)
-    fsync_directory(out)
-    shutil.rmtree(aside, ignore_errors=True)
-    shutil.rmtree(new, ignore_errors=True)
 
 
 def _fingerprint(config: TrainConfig, lora_config: Any, adapter_name: str, named: list[tuple[str, nn.Parameter]],
@@ -459,47 +424,6 @@ def _check_fsdp(adapter_name: str | None, eval_batches: Any, eval_fn: EvalFn | N
         raise ValueError(f"eval_batches has a batch of {min(sizes)} examples ({n} examples in batches of {size}), "
                          f"fewer than the {d.world_size} processes: under fsdp every process needs a row of every "
                          "batch. Choose an eval batch_size and number of examples that give each process one")
-
-
-def _save_product_on_main(model: nn.Module, named: list[tuple[str, nn.Parameter]], path: Path,
-                          adapter_name: str | None, d: distributed.Dist, fsdp: bool,
-                          prefix: PrefixEmbedding | None = None) -> None:
-    """Rank 0 writes the product; under FSDP every rank first helps gather the whole adapter."""
-    if not fsdp:
-        if d.is_main:
-            _save_product(model, path, adapter_name)
-            if prefix is not None:
-                save_prefix(prefix, path, base_model=getattr(model.config, "_name_or_path", None) or None)
-            elif has_prefix(path):  # left by an earlier run there: generate would put it in front of this adapter
-                prefix_path(path).unlink()
-        return
-    full = distributed.full_tensors(dict(named))
-    if d.is_main:
-        with distributed.full_parameters(model, full):
-            _save_product(model, path, adapter_name)
-
-
-def _save_product(model: nn.Module, path: Path, adapter_name: str | None) -> None:
-    """The adapter in PEFT format; for full fine-tuning (no adapter), the whole model as
-    transformers writes it (safetensors), via a temp dir so a crash leaves no half-written model."""
-    if adapter_name is not None:
-        # PiSSA/OLoRA: A and B apply to the residual base in memory; the product is for the untouched base.
-        save_adapter(model, path, adapter_name, convert_to_lora=_saved_converted(model, adapter_name))
-        return
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
-
-
-def _saved_converted(model: nn.Module, adapter_name: str) -> bool:
-    """Whether the run's product is a PiSSA/OLoRA adapter converted to plain LoRA (`save_adapter`'s
-    convert_to_lora): yes for an additive variant; DoRA's output is not W·x + s·B·A·x, so no."""
-    if not init_from_weight(lora_state(model).configs[adapter_name].init):
-        return False
-    return all(m.variants[adapter_name].additive for _, m in lora_modules(model)
-               if isinstance(m, LoraLayer) and adapter_name in m.variants)
 
 
 def _lorakit_version() -> str:
