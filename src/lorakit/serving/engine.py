@@ -124,12 +124,16 @@ class Engine:
         self.runner = Runner(model, self.cache, self.bank, self.route, self.merged, self.prefixes, device=self.device,
                              merge_single_adapter=merge_single_adapter, max_batch=max_batch, max_seq_len=max_seq_len,
                              cuda_graphs=self.device.type == "cuda" if cuda_graphs is None else cuda_graphs)
-        self.graphs = self.runner.graphs
         # last, so a refused engine leaves the model as it was: decode attention on the slot cache without
         # repeating K/V heads (`attention.py`), until close()
         self._own_attention = attention
         attention_names.register()
         config._attn_implementation = attention_names.SLOT_ATTENTION[attention or "sdpa"]
+
+    @property
+    def graphs(self):
+        """The runner's `graphs.DecodeGraphs` (None without CUDA graphs)."""
+        return self.runner.graphs
 
     # --- adapters ----------------------------------------------------------------------------
 

@@ -87,16 +87,21 @@ class Runner:
                  keep: int = 1, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """One forward through the cache window, each row through its request's adapter: logits.
         With ``inputs_embeds`` (a prefill with prefix embeddings), those go in instead of the ids."""
-        kw = {self._cache_argument: self.cache}
-        if self._keeps_logits:
-            kw["logits_to_keep"] = keep  # the last `keep` positions
         slots = self._slots(requests)
         # with CUDA graphs on, prefill takes the dense op too: no host sync, one GEMM pair per layer
         dense = (self.bank.max_adapters, self.bank.widest_rank, self.cache.dtype) if self.graphs is not None else None
         routed = self.route.rows(torch.tensor(slots, device=self.device), input_ids.shape[1], dense=dense) \
             if any(s >= 0 for s in slots) else contextlib.nullcontext()
+        inputs = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
+        return self._call(inputs, window, routed, keep)
+
+    def _call(self, inputs: dict[str, torch.Tensor], window: CacheWindow, routed, keep: int) -> torch.Tensor:
+        """The model's forward on ``inputs`` through the open cache ``window``, inside ``routed`` (the
+        rows' bank slots, or a null context): logits of the last ``keep`` positions."""
+        kw = {self._cache_argument: self.cache}
+        if self._keeps_logits:
+            kw["logits_to_keep"] = keep
         try:
-            inputs = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
             with routed:
                 out = self.model(**inputs, attention_mask=window.attention_mask(self.cache.dtype),
                                  position_ids=window.positions(), use_cache=True, **kw)
@@ -118,16 +123,7 @@ class Runner:
                     rank: int) -> torch.Tensor:
         """The decode forward of `graphs.DecodeGraphs` on its buffers: rows 0..R-1, one token each,
         attending over ``width`` cache positions, through the dense op at ``rank`` (0: base only)."""
-        kw = {self._cache_argument: self.cache}
-        if self._keeps_logits:
-            kw["logits_to_keep"] = 1
         window = self.cache.window = CacheWindow(0, cached, 1, width)
         dense = (self.bank.max_adapters, rank, self.cache.dtype)
         routed = self.route.rows(slots, 1, dense=dense) if rank else contextlib.nullcontext()
-        try:
-            with routed:
-                out = self.model(input_ids=ids, attention_mask=window.attention_mask(self.cache.dtype),
-                                 position_ids=window.positions(), use_cache=True, **kw)
-        finally:
-            self.cache.window = None
-        return out.logits
+        return self._call({"input_ids": ids}, window, routed, keep=1)
