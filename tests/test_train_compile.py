@@ -122,11 +122,11 @@ def test_a_compiled_run_resumes_with_or_without_compile(tmp_path, runs, resume_c
     result = run(tmp_path, resume_compile, resume=True)
     assert result.steps == 6
     expected, got = adapter_tensors(runs / "compiled" / "adapter"), adapter_tensors(tmp_path / "adapter")
+    # Not bit for bit even when both halves compile: the resumed run shares this process's Dynamo
+    # cache, which may already hold a dynamic-shape graph (batches come in several padded widths),
+    # and its kernels add in another order than the first run's static ones (CI saw it).
     for k in expected:
-        if resume_compile == "on":  # the same compiled step from the same state: bit for bit
-            assert torch.equal(got[k], expected[k]), k
-        else:
-            torch.testing.assert_close(got[k], expected[k], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-4, atol=1e-6)
     resumed = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "first_step_s" in r]
     assert [(r["step"], r["compiled"]) for r in resumed] == [(1, True), (4, resume_compile == "on")]
 
