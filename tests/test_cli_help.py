@@ -151,7 +151,7 @@ HINTS = {
     "task": (["train", "--data", "{labels.tsv}"], "pass --task classification", "task="),
     "rank": (["train", "--data", "{bad.jsonl}", "--skip-bad-lines", "--rank", "0"],
              "--rank must be a positive integer", "r must"),
-    "beams": (["generate", "--prompt", "hi", "--beams", "0"], "--beams must be at least 1, got 0", "num_beams"),
+    "beams": (["generate", "--prompt", "hi", "--beams", "0"], "argument --beams: must be at least 1, got 0", "num_beams"),
     "chat-template": (["generate", "--prompt", "hi", "--chat-template"],
                       "--chat-template was given, but the tokenizer has no chat_template", "chat_template=True"),
 }

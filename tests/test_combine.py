@@ -166,6 +166,19 @@ def test_cat_is_exactly_the_weighted_sum_of_delta_weights_in_float64():
     assert {m.rank["abc"] for m in model.modules() if isinstance(m, lorakit.LoraLayer)} == {4 + 3 + 2}
 
 
+def test_cat_may_sum_to_a_rank_above_what_delta_w_can_use():
+    """v_proj is (16, 32): two r=12 adapters cat to r=24, which a new adapter would be refused."""
+    configs = {name: lorakit.LoraConfig(r=12, alpha=12, target_modules=["v_proj"]) for name in ("a", "b")}
+    model = _adapted(configs, dtype=torch.float64)
+    with pytest.raises(ValueError, match="more than"):
+        lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=24, target_modules=["v_proj"]))
+    before = {name: _lorakit_deltas(model, name) for name in configs}
+    lorakit.combine(model, ["a", "b"], [1.0, 0.5], "ab", method="cat")
+    for module_name, delta in _lorakit_deltas(model, "ab").items():
+        torch.testing.assert_close(delta, before["a"][module_name] + 0.5 * before["b"][module_name])
+    assert {m.rank["ab"] for m in model.modules() if isinstance(m, lorakit.LoraLayer)} == {24}
+
+
 def test_svd_at_full_rank_is_exact_and_truncation_is_the_best_approximation():
     model = _adapted({"a": lorakit.LoraConfig(r=4, alpha=8, target_modules=QV),
                       "b": lorakit.LoraConfig(r=4, alpha=8, target_modules=QV)}, dtype=torch.float64)

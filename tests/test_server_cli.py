@@ -88,6 +88,21 @@ def test_serve_errors_name_the_flag(model_dir, tmp_path, capsys) -> None:
             assert words in err, (args, err)
 
 
+@pytest.mark.parametrize("args, flag", [(["--port", "83641"], "--port"), (["--api-key", ""], "--api-key")],
+                         ids=["port-past-65535", "empty-api-key"])
+def test_serve_refuses_a_port_past_65535_and_an_empty_api_key(model_dir, args, flag) -> None:
+    """Both used to serve: on port 83641 % 65536, and with no authentication at all."""
+    process = _serve("--model", str(model_dir), "--device", "cpu", "--port", str(_free_port()), *args)
+    try:
+        out, _ = process.communicate(timeout=60)  # one that serves anyway is ended by the timeout, failing
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 2 and "lorakit serve: error:" in out and flag in out, out
+    assert "Uvicorn running" not in out
+
+
 @pytest.mark.parametrize("flag", ["--api-key", "--adapter-dir", "--served-model-name", "--max-queue"])
 def test_serve_help_shows_the_options(flag) -> None:
     from lorakit.cli import build_parser

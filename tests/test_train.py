@@ -386,6 +386,22 @@ def test_full_fine_tuning_baseline_saves_a_whole_model(tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))
 
 
+@pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX")
+@pytest.mark.parametrize("adapter_name", ["default", None], ids=["adapter", "full fine-tuning"])
+def test_a_run_folder_is_readable_by_others_under_umask_022(tmp_path, adapter_name):
+    """safetensors writes 0o600; checkpoints, adapters and full models get the umask's mode like any file."""
+    model = injected() if adapter_name else tiny_llama()
+    old = os.umask(0o022)
+    try:
+        train(model, batches(token_examples(16), 8), config(tmp_path, max_steps=2, save_every=2,
+                                                            label_smoothing=0.0), adapter_name=adapter_name)
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in tmp_path.rglob("*") if p.is_file()}
+    assert any(name.endswith(".safetensors") for name in modes) and any(n.startswith("checkpoint/") for n in modes)
+    assert modes == {name: "0o644" for name in modes}
+
+
 # --- bitsandbytes' 8-bit AdamW (TrainConfig.optimizer, --optimizer) ---------------------------------
 
 def _wide_model() -> torch.nn.Module:

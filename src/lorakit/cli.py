@@ -1,15 +1,19 @@
 """`lorakit train | generate | eval | merge | demo | analyze | serve | combine`: parse the command
 line, call the library.
 
-Every option of `lorakit train` can also come from `--config run.yaml` (same names, dashes or
-underscores); options given on the command line win over the file.
+Every option of `lorakit train` can also come from `--config run.yaml`: a flag's name with dashes
+or underscores (`seq-len`, `no_compile`), a switch as true or false, a comma list (`targets`) as a
+YAML list too; each value is checked as the flag checks it. Options given on the command line win
+over the file.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import errno
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -17,7 +21,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # lorakit never downloads models
 
 
 MODEL_HELP = "'default' (the embedded SmolLM2-135M-Instruct), a model directory or a .gguf file"
-DEVICE_HELP = "auto: cuda if there is one (cuda:LOCAL_RANK under torchrun), else cpu; or cpu, cuda, cuda:1, ..."
+DEVICE_HELP = "auto: cuda if there is one (cuda:LOCAL_RANK under torchrun), else cpu; or cpu, cuda, cuda:1, ..., mps"
+DEVICES = ("auto", "cpu", "cuda", "mps")  # and cuda:N
 # The rule is lorakit.data.tokenize_example's (separator="\n"); generate and eval follow it.
 PROMPT_ENCODING = (
     "How prompts are encoded: as `lorakit train` encoded them. A prompt is followed by a newline "
@@ -28,13 +33,48 @@ PROMPT_ENCODING = (
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows an option's default after its help, except where the default is None or False: a switch
-    is off unless given, and an option without a value says in its help what its absence means."""
+    """Shows an option's default after its help, except where the default is None or False (a switch
+    is off unless given, and an option without a value says in its help what its absence means) or
+    the help already says "(default: ...)" itself."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or action.default is False:
+        if action.default is None or action.default is False or "(default:" in (action.help or ""):
             return action.help or ""
         return super()._get_help_string(action)
+
+
+# --- types of option values: a bad value is refused while parsing, naming its flag --------------
+
+def _whole_number(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """A count of things that needs at least one (--beams, --batch-size, --limit, ...)."""
+    value = _whole_number(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """A count where 0 means off (--no-repeat-ngram)."""
+    value = _whole_number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0 (0: off), got {value}")
+    return value
+
+
+def device_name(text: str) -> str:
+    """auto, cpu, cuda, cuda:N or mps; whether that device exists here is checked when the command
+    starts (commands.check_device), since --help must work on any machine."""
+    if text in DEVICES or re.fullmatch(r"cuda:\d+", text):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not a device lorakit can use; give auto, cpu, cuda, cuda:N "
+                                     f"(the N-th GPU, from 0) or mps")
 
 
 def _train_parser(sub) -> argparse.ArgumentParser:
@@ -43,8 +83,9 @@ def _train_parser(sub) -> argparse.ArgumentParser:
                                    "demo task is trained (generated records; see `lorakit demo`), and the run "
                                    "says so in its first line.",
                        formatter_class=HelpFormatter)
-    p.add_argument("--config", help="YAML file with any of these options (dashes or underscores); "
-                   "the command line wins over it (default: none)")
+    p.add_argument("--config", help="YAML file with any of these options: a flag's name with dashes or underscores "
+                   "(seq-len, no_compile), a switch as true or false, --targets also as a list; the command line "
+                   "wins over it (default: none)")
     p.add_argument("--model", default="default", help=MODEL_HELP)
     p.add_argument("--task", default="causal", choices=["causal", "classification"],
                    help="causal: prompt -> completion; classification: text (or a pair) -> label")
@@ -103,7 +144,7 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="optimizer steps (default: as many as --epochs takes)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per batch, across all processes")
     p.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step (gradient accumulation)")
-    p.add_argument("--seq-len", type=int, default=256,
+    p.add_argument("--seq-len", type=positive_int, default=256,
                    help="longest example in tokens; a longer one loses prompt tokens from its start first")
     p.add_argument("--eval-every", type=int, default=100, help="steps between evaluations on the held-out data")
     p.add_argument("--save-every", type=int, default=100,
@@ -120,7 +161,7 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--label-column", default="label", help="classification: the column that holds the label")
     _quantize_options(p, "then train the adapter on it (QLoRA; docs/qlora.md); the run prints the base's "
                          "size before and after")
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--device", default="auto", type=device_name, help=DEVICE_HELP)
     compiling = p.add_mutually_exclusive_group()
     compiling.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                            help="torch.compile the training step; auto: on CUDA only (default: %(default)s)")
@@ -160,15 +201,15 @@ def _generation_options(p: argparse.ArgumentParser, formats: list[str], several_
     p.add_argument("--chat-template", action="store_true",
                    help="wrap each prompt in the tokenizer's chat template, for an adapter trained with "
                         "train --chat-template (see 'How prompts are encoded' below)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens generated per prompt")
-    p.add_argument("--beams", type=int, default=1,
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="most tokens generated per prompt")
+    p.add_argument("--beams", type=positive_int, default=1,
                    help="beam width; 1 is greedy decoding (the paper decodes E2E with 10 beams)")
     p.add_argument("--length-penalty", type=float, default=1.0,
                    help="beam search only: a hypothesis scores its log-probability / length^penalty, so a "
                         "larger value favours longer outputs (the paper: 0.8 for E2E)")
-    p.add_argument("--no-repeat-ngram", type=int, default=0,
+    p.add_argument("--no-repeat-ngram", type=non_negative_int, default=0,
                    help="never repeat an n-gram of this many tokens, the prompt's included; 0: off")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts generated together")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="prompts generated together")
     p.add_argument("--format", default="auto", choices=formats,
                    help="how to read --data; auto: from the file's extension and first line")
     p.add_argument("--skip-bad-lines", action="store_true",
@@ -200,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="E2E / JSONL prompt-completion file, or a classification file")
     e.add_argument("--task", default="causal", choices=["causal", "classification"],
                    help="causal: generate and score against references; classification: accuracy of a classifier")
-    e.add_argument("--limit", type=int, help="score only the first N unique prompts (default: all)")
+    e.add_argument("--limit", type=positive_int, help="score only the first N unique prompts (default: all)")
     e.add_argument("--out", help="write scores (JSON) here; hypotheses go beside it (default: print only)")
 
     m = sub.add_parser("merge", help="write a merged full model that transformers loads",
@@ -208,7 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "transformers model with its tokenizer.", formatter_class=HelpFormatter)
     m.add_argument("--model", default="default", help=MODEL_HELP)
     m.add_argument("--adapter", required=True, help="adapter directory (PEFT format) to merge")
-    m.add_argument("--out", required=True, help="new directory for the merged model and its tokenizer")
+    m.add_argument("--out", required=True, help="new (or empty) directory for the merged model and its tokenizer")
+    m.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out whole: every file in it goes, once the merged model is written "
+                        "beside it (default: off: a non-empty --out is refused)")
     _quantize_options(m, "as the adapter was trained on it (train --quantize): the merged model is then the "
                          "dequantized base plus ΔW, in float32, the model the adapter was trained with")
 
@@ -218,10 +262,15 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=HelpFormatter)
     d.add_argument("--out", default="runs/demo", help="run directory (as for train --out)")
     d.add_argument("--steps", type=int, default=60, help="optimizer steps of the demo run")
-    d.add_argument("--device", default="auto", help=DEVICE_HELP)
+    d.add_argument("--device", default="auto", type=device_name, help=DEVICE_HELP)
 
     a = sub.add_parser("analyze", help="norms, spectra, subspace similarity and ΔW-vs-W amplification of "
-                                       "one or two adapters (Hu et al. 2021, §7)", formatter_class=HelpFormatter)
+                                       "one or two adapters (Hu et al. 2021, §7)",
+                       description="Study an adapter as the LoRA paper does (Hu et al. 2021, §7): the norms and "
+                                   "singular values of each layer's ΔW = B·A; with a second adapter, how much of "
+                                   "their subspaces two adapters share; with --model, how strongly ΔW amplifies "
+                                   "directions of W. Writes report.md, report.json and PNG figures to --out.",
+                       formatter_class=HelpFormatter)
     a.add_argument("adapter", help="adapter directory (PEFT format)")
     a.add_argument("adapter2", nargs="?", help="a second adapter of the same base model, to compare with "
                    "(default: none: one adapter alone)")
@@ -257,7 +306,11 @@ def _combine_parser(sub) -> argparse.ArgumentParser:
                    "(0, 1] (default: none; required with those methods)")
     c.add_argument("--seed", type=int, help="dare_*: seed of the random masks; PEFT after torch.manual_seed(S) "
                    "draws the same (default: none: torch's unseeded generator)")
-    c.add_argument("--out", required=True, help="directory for the combined adapter (written atomically)")
+    c.add_argument("--out", required=True, help="new (or empty) directory for the combined adapter (written "
+                   "atomically); never one of the --adapter folders")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out whole: every file in it goes, once the combined adapter is "
+                        "written beside it (default: off: a non-empty --out is refused)")
     return c
 
 
@@ -300,8 +353,12 @@ def _serve_parser(sub) -> argparse.ArgumentParser:
                    "are answered 413")
     s.add_argument("--shutdown-timeout", type=float, default=10.0, help="seconds that running requests get "
                    "to finish after SIGTERM before they are cancelled")
-    s.add_argument("--device", default="auto", help=DEVICE_HELP)
+    s.add_argument("--device", default="auto", type=device_name, help=DEVICE_HELP)
     return s
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    return parser._subparsers._group_actions[0].choices[command]
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -309,34 +366,99 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if getattr(args, "config", None):
         # Options from the file become defaults; what the command line gives wins.
-        import yaml
-
-        try:
-            values = yaml.safe_load(Path(args.config).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            parser.error(f"--config {args.config}: {e}")
-        if not isinstance(values, dict):
-            parser.error(f"--config {args.config}: expected a mapping of option names to values")
-        known = vars(args)
-        values = {k.replace("-", "_"): v for k, v in values.items()}
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            parser.error(f"--config {args.config}: unknown option(s) {unknown}")
-        sub = parser._subparsers._group_actions[0].choices[args.command]
-        sub.set_defaults(**values)
+        sub = _subparser(parser, args.command)
+        sub.set_defaults(**_config_defaults(args.config, sub))
         args = parser.parse_args(argv)
     return args
+
+
+# Options whose value is a comma list, which a config file may also give as a YAML list.
+_COMMA_LISTS = {"targets", "modules_to_save"}
+
+
+def _config_defaults(path: str, sub: argparse.ArgumentParser) -> dict:
+    """The options in the YAML file ``path`` as defaults of ``sub``, each value checked as its flag
+    checks it; a bad file ends the parse with ``sub``'s usage and a message naming the file and key."""
+    import yaml
+
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        sub.error(f"--config {path}: {e}")
+    if not isinstance(values, dict):
+        sub.error(f"--config {path}: expected a mapping of option names to values, got {type(values).__name__}")
+    # A key is a flag without its dashes (`no_compile` for --no-compile) or a flag's dest.
+    actions: dict[str, argparse.Action] = {}
+    for action in sub._actions:
+        for flag in action.option_strings:
+            if flag.startswith("--") and action.dest not in ("help", "config"):
+                actions[flag[2:].replace("-", "_")] = action
+                actions.setdefault(action.dest, action)
+    defaults: dict = {}
+    given: dict[str, str] = {}  # dest -> the key that set it
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name == "config":
+            sub.error(f"--config {path}: {key}: a config file cannot name another one; put its options in this file")
+        if name not in actions:
+            close = difflib.get_close_matches(name, actions, n=3)
+            sub.error(f"--config {path}: unknown option {key!r}; " + (
+                f"did you mean {' or '.join(close)}?" if close else
+                f"the options are the flags of `{sub.prog}` without their dashes (see `{sub.prog} --help`)"))
+        action = actions[name]
+        if action.dest in given:
+            sub.error(f"--config {path}: {key} and {given[action.dest]} set the same option; keep one")
+        given[action.dest] = str(key)
+        if value is None:
+            continue  # `steps:` with no value: as if the key were not there
+        try:
+            checked = _config_value(action, value)
+        except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
+            sub.error(f"--config {path}: {key}: {e}")
+        if checked is not _ABSENT:
+            defaults[action.dest] = checked
+    return defaults
+
+
+_ABSENT = object()  # a switch set to false: the switch not given
+_EXPECTED = {int: "a whole number", float: "a number"}
+
+
+def _config_value(action: argparse.Action, value):
+    """``value`` from a config file as the flag would give it; raises with what the flag expects."""
+    if action.nargs == 0:  # a switch: store_true, store_const (--no-compile)
+        if not isinstance(value, bool):
+            raise ValueError(f"a switch takes true or false, got {value!r}")
+        return action.const if value else _ABSENT
+    if isinstance(value, bool) and action.choices and {"on", "off"} <= set(action.choices):
+        value = "on" if value else "off"  # YAML 1.1 reads an unquoted on/off as a boolean
+    if isinstance(value, list) and action.dest in _COMMA_LISTS:
+        if not all(isinstance(v, str) for v in value):
+            raise ValueError(f"expected a list of names, got {value!r}")
+        value = ",".join(value)
+    expected = _EXPECTED.get(action.type, "text")
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)) or (
+            action.type is None and not isinstance(value, str)):
+        raise ValueError(f"expected {expected}, got {value!r}")
+    if action.type is not None:
+        try:
+            value = action.type(str(value))  # argparse.ArgumentTypeError says what a lorakit type expects
+        except (ValueError, TypeError):
+            raise ValueError(f"expected {expected}, got {value!r}") from None
+    if action.choices is not None and value not in action.choices:
+        raise ValueError(f"expected one of {', '.join(map(str, action.choices))}, got {value!r}")
+    return value
 
 
 # Library keywords that a flag of another name sets: TrainConfig.warmup_steps is --warmup, and so on.
 _KEYWORD_DESTS = {"warmup_steps": "warmup", "max_steps": "steps", "out_dir": "out", "r": "rank",
                   "target_modules": "targets", "num_beams": "beams", "no_repeat_ngram_size": "no_repeat_ngram",
-                  "adapters": "adapter"}
+                  "adapters": "adapter", "max_len": "seq_len"}
 
 
 def command_flags(command: str) -> dict[str, str]:
     """Library keyword -> the flag of `lorakit COMMAND` that sets it (`skip_bad_lines` -> `--skip-bad-lines`)."""
-    sub = build_parser()._subparsers._group_actions[0].choices[command]
+    sub = _subparser(build_parser(), command)
     flags: dict[str, str] = {}
     for action in sub._actions:
         if action.option_strings and action.dest != "help":
@@ -355,7 +477,10 @@ def _message(error: BaseException, command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
+    try:
+        args = parse(argv)
+    except SystemExit as e:  # argparse printed the usage and the error (or the help): its status is ours
+        return e.code if isinstance(e.code, int) else 0
     from . import commands  # heavy imports (torch, transformers) only after parsing
     from .models import quiet_transformers
 

@@ -165,7 +165,9 @@ def combine(model: nn.Module, adapters: Sequence[str], weights: Sequence[float],
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     cuda = sorted({s.A.device.index or 0 for _, sources in layers.values() for s in sources if s.A.is_cuda})
     with torch.random.fork_rng(devices=cuda):  # the new adapter's initial values are overwritten: draw nothing
-        inject(model, config, name, dtype=dtype)
+        # A "cat" of several adapters may sum to a rank above what ΔW can use: the factors are
+        # still exactly the sum of the inputs' ΔW, so the rank check of a new adapter does not apply.
+        inject(model, config, name, dtype=dtype, check_rank=False)
     try:
         with torch.no_grad():
             for module_name, (layer, _) in layers.items():

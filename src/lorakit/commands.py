@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from .adapters import merge as merge_adapters
 from .config import ALL_LINEAR, LoraConfig
-from .data import ClassificationExample, PromptLine, load_examples, read_prompts
-from .files import (atomic_write_dir, atomic_write_files, atomic_write_text, prepare_output_dir,
-                    prepare_output_file)
+from .data import ClassificationExample, PromptLine, read_prompts, read_references
+from .files import (atomic_write_dir, atomic_write_files, atomic_write_text, create_parent_folders,
+                    prepare_output_dir, prepare_output_file)
 from .finetune import DEMO_DATA, DataSpec, finetune, is_main_process
 from .generate import generate_text
 from .hints import Setting, SettingError
@@ -24,9 +25,38 @@ from .train import TrainConfig
 
 
 def _targets(text: str) -> list[str] | str:
+    """--targets: all-linear, a regular expression, or a comma list of module names."""
     if text == ALL_LINEAR or any(c in text for c in "()[]*+?\\|^$"):
         return text  # all-linear or a regular expression
-    return [t.strip() for t in text.split(",") if t.strip()]
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise SettingError(Setting("targets"), f" {text!r} names no module: give a comma list (q_proj,v_proj), "
+                           "a regular expression or all-linear, or leave it out for the default (q_proj,v_proj; "
+                           "query,value for --task classification)")
+    return names
+
+
+def check_device(device: str) -> None:
+    """Refuse a --device that this machine or this build of torch does not have, before any work
+    (the syntax was checked while parsing: cli.device_name)."""
+    import torch
+
+    kind, _, index = device.partition(":")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            why = ("no CUDA GPU is visible (check nvidia-smi and CUDA_VISIBLE_DEVICES)"
+                   if torch.backends.cuda.is_built() else f"this torch ({torch.__version__}) is built without CUDA")
+            raise SettingError(Setting("device", device), f": {why}; use ", Setting("device", "cpu"),
+                               " (or auto, which picks cuda where there is one), or install a CUDA build of torch")
+        # Under torchrun, plain cuda means cuda:LOCAL_RANK (train.distributed.setup).
+        wanted = int(index) if index else int(os.environ.get("LOCAL_RANK", "0"))
+        count = torch.cuda.device_count()
+        if wanted >= count:
+            raise SettingError(Setting("device", device), f": there is no GPU {wanted}, only {count} (cuda:0 to "
+                               f"cuda:{count - 1}); give one of those, or ", Setting("device", "cuda"))
+    elif kind == "mps" and not torch.backends.mps.is_available():
+        raise SettingError(Setting("device", device), ": MPS (Apple's GPU) is not available here; use ",
+                           Setting("device", "cpu"), " or auto")
 
 
 def _quantization(args: argparse.Namespace):
@@ -57,9 +87,10 @@ def train(args: argparse.Namespace) -> None:
         # The first line of the run, so nobody mistakes the demo for a run on their own data.
         print("data: the built-in demo task (generated records, lorakit.demo_task), since --data is not given "
               "or is 'demo'; pass --data FILE to train on your own data")
+    check_device(args.device)
     classify = args.task == "classification"
     # §4.2 defaults: adapt Wq and Wv; a classifier's new head has to train in full.
-    targets = args.targets or ("query,value" if classify else "q_proj,v_proj")
+    targets = args.targets if args.targets is not None else ("query,value" if classify else "q_proj,v_proj")
     saved = args.modules_to_save if args.modules_to_save is not None else ("classifier" if classify else "")
     lora = LoraConfig(r=args.rank, alpha=args.alpha, dropout=args.dropout, target_modules=_targets(targets),
                       modules_to_save=[m for m in saved.split(",") if m] or None, init=args.init,
@@ -83,8 +114,8 @@ def train(args: argparse.Namespace) -> None:
 
 
 def _read_examples(args: argparse.Namespace, format: str) -> list:
-    """The examples of `args.data` for generate and eval, saying how many malformed lines were skipped."""
-    result = load_examples(args.data, format, skip_bad_lines=args.skip_bad_lines)
+    """The examples that eval scores from `args.data`, saying how many malformed lines were skipped."""
+    result = read_references(args.data, format, skip_bad_lines=args.skip_bad_lines)
     if result.n_skipped:
         print(f"{args.data}: skipped {result.n_skipped} malformed line(s), first at line {result.skipped[0][0]}")
     return result
@@ -146,6 +177,7 @@ def generate(args: argparse.Namespace) -> None:
         outputs = _generate_with_engine(args, named, prompts, chosen)
         records = [{"prompt": p, "adapter": a, "output": o} for p, a, o in zip(prompts, chosen, outputs)]
     if args.out:
+        create_parent_folders(args.out)  # only now: a command that fails leaves no empty folders behind
         atomic_write_text(args.out, "".join(json.dumps(r) + "\n" for r in records))
         print(f"wrote {len(outputs)} outputs to {args.out}")
     else:
@@ -161,9 +193,15 @@ def _named_adapters(specs: list[str]) -> dict[str, str] | None:
     named: dict[str, str] = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
-        if not sep or not name or not path or Path(spec).is_dir():
+        if not sep or Path(spec).is_dir():
             raise ValueError(f"--adapter {spec}: with several adapters, give each as NAME=PATH "
                              f"(e.g. --adapter sql=runs/sql/adapter)")
+        if not name:
+            raise ValueError(f"--adapter {spec}: the name before '=' is empty; give NAME=PATH (e.g. --adapter "
+                             f"sql={path}), or the path alone for one unnamed adapter")
+        if not path:
+            raise ValueError(f"--adapter {spec}: the path after '=' is empty; give NAME=PATH (e.g. --adapter "
+                             f"{name}=runs/{name}/adapter)")
         if name in named:
             raise ValueError(f"--adapter {spec}: the name {name!r} is given twice; give each adapter its own name")
         named[name] = path
@@ -229,6 +267,7 @@ def eval(args: argparse.Namespace) -> None:  # noqa: A001 - the command's name
     print(json.dumps(scores, indent=2))
     if args.out:
         out = Path(args.out)
+        create_parent_folders(out)  # only now: a command that fails leaves no empty folders behind
         files = {out: lambda tmp: tmp.write_text(json.dumps(scores, indent=2) + "\n")}
         if hypotheses is not None:
             files[out.with_suffix(".hypotheses.txt")] = lambda tmp: tmp.write_text("\n".join(hypotheses) + "\n")
@@ -260,7 +299,8 @@ def _eval_classification(args: argparse.Namespace, examples: list) -> dict:
 
 def merge(args: argparse.Namespace) -> None:
     _quantization(args)  # a bad --quantize/--double-quant pair fails before anything loads
-    out = prepare_output_dir(args.out)  # refused before anything loads
+    out = _replaceable_output_dir(args, {f"--model {args.model}": args.model,  # refused before anything loads
+                                         f"--adapter {args.adapter}": args.adapter})
     model, tokenizer = _load_base(args)
     load_adapter(model, args.adapter)
     if has_prefix(args.adapter):
@@ -273,8 +313,28 @@ def merge(args: argparse.Namespace) -> None:
         plain.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
 
-    atomic_write_dir(out, write)
+    atomic_write_dir(out, write, replace=args.overwrite)  # --overwrite: no file of the old folder stays
     print(f"wrote a merged model to {out} (load it with transformers' from_pretrained)")
+
+
+def _replaceable_output_dir(args: argparse.Namespace, inputs: dict[str, str]) -> Path:
+    """--out of merge and combine: a new or empty folder, or with --overwrite a folder to replace
+    whole; never one that is, or holds, an input (``inputs``: the option as given -> its path),
+    which replacing would delete."""
+    out = prepare_output_dir(args.out)
+    if out.exists():
+        for given, path in inputs.items():
+            path = Path(path).resolve()
+            if path.exists() and (path == out.resolve() or out.resolve() in path.parents):
+                what = "is" if path == out.resolve() else "holds"
+                raise ValueError(f"--out {out}: this folder {what} the input {given}, which writing the result "
+                                 f"there would destroy, --overwrite or not; give --out a new folder")
+        entries = sorted(p.name for p in out.iterdir())
+        if entries and not args.overwrite:
+            shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+            raise ValueError(f"--out {out}: this folder is not empty (it holds {shown}); give a new or empty "
+                             f"folder, or pass --overwrite to replace it and everything in it")
+    return out
 
 
 def combine(args: argparse.Namespace) -> None:
@@ -283,7 +343,6 @@ def combine(args: argparse.Namespace) -> None:
     from .inject import check_adapter_name
     from .io import read_adapter, save_adapter
 
-    out = prepare_output_dir(args.out)  # refused before anything loads
     named: dict[str, str] = {}
     for spec in args.adapter:
         name, sep, path = spec.partition("=")
@@ -296,6 +355,8 @@ def combine(args: argparse.Namespace) -> None:
         except ValueError as e:
             raise ValueError(f"--adapter {spec}: {e}") from None
         named[name] = path
+    inputs = {f"--model {args.model}": args.model, **{f"--adapter {n}={p}": p for n, p in named.items()}}
+    out = _replaceable_output_dir(args, inputs)  # refused before anything loads
     try:
         weights = [float(w) for w in args.weights.split(",")]
     except ValueError:
@@ -316,13 +377,14 @@ def combine(args: argparse.Namespace) -> None:
     result = next(f"combined{i or ''}" for i in range(len(named) + 1) if f"combined{i or ''}" not in named)
     combine_adapters(model, list(named), weights, result, method=args.method, rank=args.rank, density=args.density,
                      seed=args.seed)
-    atomic_write_dir(out, lambda folder: save_adapter(model, folder, result))
+    atomic_write_dir(out, lambda folder: save_adapter(model, folder, result), replace=args.overwrite)
     print(f"wrote the {args.method} combination of {list(named)} (weights {weights}) to {out}")
 
 
 def demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
+    check_device(args.device)
     prepare_output_dir(args.out)
     run_demo(out_dir=args.out, steps=args.steps, device=args.device)
 
@@ -349,8 +411,6 @@ def analyze(args: argparse.Namespace) -> None:
 
 def serve(args: argparse.Namespace) -> None:
     """`lorakit serve`: the base model and the --adapter adapters behind the OpenAI API."""
-    import os
-
     from .serving.server import LOOPBACK, ServerOptions, run
 
     try:
@@ -375,6 +435,7 @@ def serve(args: argparse.Namespace) -> None:
                                ("--max-body-bytes", args.max_body_bytes, 1), ("--port", args.port, 0)):
         if value < least:
             raise ValueError(f"{flag} {value}: must be at least {least}")
+    check_device(args.device)
     if args.adapter_dir is not None and not Path(args.adapter_dir).is_dir():
         raise FileNotFoundError(f"--adapter-dir {args.adapter_dir}: no such folder; create it or give another")
     api_key = args.api_key if args.api_key is not None else os.environ.get("LORAKIT_API_KEY") or None

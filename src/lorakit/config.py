@@ -7,10 +7,11 @@ written to disk uses PEFT's names so that PEFT reads it (``lora_alpha``, ``lora_
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from .hints import Setting, SettingError
 
@@ -193,11 +194,15 @@ class LoraConfig:
 
     @classmethod
     def from_peft_dict(cls, d: Mapping[str, Any], *, source: str = "adapter_config.json") -> "LoraConfig":
-        """Read PEFT's JSON; refuse what lorakit cannot reproduce rather than load it wrongly."""
+        """Read PEFT's JSON; refuse what lorakit cannot reproduce rather than load it wrongly.
+
+        Every field read is first checked for its JSON type (`_check_peft_types`), so a bad value
+        is an error that names ``source`` and the key, never a TypeError from deep inside."""
         peft_type = d.get("peft_type")
         if peft_type != "LORA":
             raise ConfigError(f"{source}: peft_type is {peft_type!r}; lorakit reads LoRA adapters only "
                               f"(peft_type 'LORA')")
+        _check_peft_types(d, source)
         for flag in ("use_qalora", "use_bdlora", "lora_bias"):
             if d.get(flag):
                 raise ConfigError(f"{source}: {flag}=true is a LoRA variant lorakit does not implement")
@@ -207,13 +212,12 @@ class LoraConfig:
         targets = d.get("target_modules")
         if targets is None:
             raise ConfigError(f"{source}: target_modules is missing")
-        init = d.get("init_lora_weights", True)
         layers = d.get("layers_to_transform")
         if isinstance(layers, int):
             layers = [layers]
         try:
             return cls(
-                r=int(d.get("r", 8)),
+                r=d.get("r", 8),
                 alpha=float(d.get("lora_alpha", 8)),
                 dropout=float(d.get("lora_dropout") or 0.0),
                 target_modules=targets if isinstance(targets, str) else list(targets),
@@ -223,12 +227,59 @@ class LoraConfig:
                 layers_to_transform=layers,
                 bias=d.get("bias", "none"),
                 modules_to_save=d.get("modules_to_save"),
-                use_rslora=bool(d.get("use_rslora", False)),
+                use_rslora=bool(d.get("use_rslora") or False),
                 use_dora=bool(d.get("use_dora") or False),
-                init=_init_from_peft(init),
+                init=_init_from_peft(d.get("init_lora_weights", True)),
             )
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is no rank
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+
+
+def _is_names(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+
+
+# What each field of adapter_config.json that from_peft_dict reads must hold: (check, what to say).
+# A key that is absent takes its default; `null` is accepted only where PEFT's field is Optional.
+_PEFT_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "r": (lambda v: _is_int(v) and v > 0, "a positive integer (the LoRA rank)"),
+    "lora_alpha": (lambda v: _is_number(v) and v > 0, "a positive number (α)"),
+    "lora_dropout": (lambda v: v is None or (_is_number(v) and 0 <= v < 1), "a number in [0, 1)"),
+    "target_modules": (lambda v: isinstance(v, str) or _is_names(v),
+                       "a list of module names or a string (a regular expression, or 'all-linear')"),
+    "exclude_modules": (lambda v: v is None or isinstance(v, str) or _is_names(v),
+                        "null, a list of module names or a string (a regular expression)"),
+    "rank_pattern": (lambda v: v is None or (isinstance(v, dict) and all(_is_int(k) and k > 0 for k in v.values())),
+                     "an object mapping patterns to positive integers"),
+    "alpha_pattern": (lambda v: v is None or (isinstance(v, dict) and all(_is_number(a) for a in v.values())),
+                      "an object mapping patterns to numbers"),
+    "layers_to_transform": (lambda v: v is None or _is_int(v) or
+                            (isinstance(v, (list, tuple)) and all(map(_is_int, v))),
+                            "null, a layer index or a list of layer indices"),
+    "layers_pattern": (lambda v: v is None or isinstance(v, str) or _is_names(v),
+                       "null, a string or a list of strings"),
+    "bias": (lambda v: v in BIAS_MODES, f"one of {list(BIAS_MODES)}"),
+    "modules_to_save": (lambda v: v is None or _is_names(v), "null or a list of module names"),
+    "init_lora_weights": (lambda v: v is None or isinstance(v, (bool, str)), "true, false or the name of an init"),
+    **{flag: (lambda v: v is None or isinstance(v, bool), "true or false")
+       for flag in ("use_rslora", "use_dora", "use_qalora", "use_bdlora", "lora_bias")},
+}
+
+
+def _check_peft_types(d: Mapping[str, Any], source: str) -> None:
+    """Refuse, in one message naming ``source``, every field whose value is not what it must hold."""
+    bad = [f"{key} is {json.dumps(d[key], default=repr)}, expected {expected}"
+           for key, (ok, expected) in _PEFT_FIELDS.items() if key in d and not ok(d[key])]
+    if bad:
+        raise ConfigError(f"{source}: " + "; ".join(bad))
 
 
 def _init_from_peft(value: Any) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import numbers
 import re
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -111,17 +112,47 @@ def _json_records(result: LoadResult[Any], skip: bool) -> Iterator[tuple[int, An
 
 def read_jsonl(path: str | Path, skip_bad_lines: bool = False) -> LoadResult[Example]:
     """JSONL with `{"prompt", "completion"}` (loss on the completion) or `{"text"}` (loss on all of it)."""
-    result: LoadResult[Example] = LoadResult(Path(path))
+    return _read_jsonl(Path(path), skip_bad_lines, text_lines=True)
+
+
+def _read_jsonl(path: Path, skip_bad_lines: bool, text_lines: bool) -> LoadResult[Example]:
+    """`read_jsonl`; with `text_lines=False` a plain "text" line is a bad line (`read_references`)."""
+    result: LoadResult[Example] = LoadResult(path)
     for number, record in _json_records(result, skip_bad_lines):
-        record = record if isinstance(record, dict) else {"(not an object)": record}
-        if isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
+        if not isinstance(record, dict):
+            result._bad(number, f'expected a JSON object with "prompt" and "completion", or "text"; got '
+                                f'{_json_kind(record)}', skip_bad_lines)
+            continue
+        used = ("prompt", "completion") if "prompt" in record or "completion" in record else ("text",)
+        wrong = [k for k in used if k in record and not isinstance(record[k], str)]
+        if wrong:
+            result._bad(number, "; ".join(f'"{k}" must be a string, got {_json_kind(record[k])}' for k in wrong),
+                        skip_bad_lines)
+        elif isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
             result.append(Example(record["prompt"], record["completion"]))
-        elif isinstance(record.get("text"), str):
+        elif isinstance(record.get("text"), str) and text_lines:
             result.append(Example("", record["text"]))
+        elif isinstance(record.get("text"), str):
+            result._bad(number, f'holds only "text", with no prompt to generate from and no reference to score '
+                                f'against; {_REFERENCE_LINES}', skip_bad_lines)
         else:
             result._bad(number, f'expected string "prompt" and "completion", or "text"; got keys {sorted(record)}',
                         skip_bad_lines)
     return result
+
+
+def _json_kind(value: Any) -> str:
+    """A JSON value as a message shows it: `5 (a number)`, `null`, `a JSON list`."""
+    if isinstance(value, (dict, list)):
+        return f"a JSON {'object' if isinstance(value, dict) else 'list'}"
+    if value is None:
+        return "null"
+    kind = "true/false" if isinstance(value, bool) else "a number" if isinstance(value, (int, float)) else "a string"
+    return f"{json.dumps(value)} ({kind})"
+
+
+_REFERENCE_LINES = 'scoring needs JSONL lines with a string "prompt" and "completion" (the reference), or E2E lines ' \
+                   '"MR||reference"'
 
 
 def read_e2e(path: str | Path, skip_bad_lines: bool = False) -> LoadResult[Example]:
@@ -233,6 +264,22 @@ def load_examples(path: str | Path, format: str = "auto", **kw: Any) -> LoadResu
     return readers[format](path, **kw)
 
 
+def read_references(path: str | Path, format: str = "auto", skip_bad_lines: bool = False) -> LoadResult[Any]:
+    """The examples that `lorakit eval` scores: prompts with their references (JSONL prompt/completion,
+    E2E `MR||reference`), or a classification file, as `load_examples` reads them. A JSONL "text"
+    line has neither a prompt nor a reference: a file of only those is refused as a whole, naming
+    the keys it needs; a few among prompt/completion lines are bad lines."""
+    path = Path(path)
+    result = load_examples(path, format, skip_bad_lines=skip_bad_lines)
+    texts = sum(1 for ex in result if isinstance(ex, Example) and not ex.prompt)  # only read_jsonl makes them
+    if not texts:
+        return result
+    if texts == len(result):
+        raise ValueError(f'{path} has no prompt/reference fields: its lines hold only "text" (what `lorakit train` '
+                         f'learns from as a whole); {_REFERENCE_LINES}')
+    return _read_jsonl(path, skip_bad_lines, text_lines=False)  # again, to name (or skip) the "text" lines
+
+
 @dataclass(frozen=True)
 class PromptLine:
     """A prompt to generate from, with the line it came from and the adapter it names, if any."""
@@ -261,9 +308,14 @@ def read_prompts(path: str | Path, format: str = "auto", skip_bad_lines: bool = 
         raise SettingError("prompts come from a JSONL or E2E file; ", Setting("format"), f" {format!r} holds none")
     result = LoadResult(path)
     for number, record in _json_records(result, skip_bad_lines):
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            got = sorted(record) if isinstance(record, dict) else type(record).__name__
-            result._bad(number, f'expected an object with a string "prompt"; got {got}', skip_bad_lines)
+        if not isinstance(record, dict):
+            result._bad(number, f'expected a JSON object with a string "prompt"; got {_json_kind(record)}',
+                        skip_bad_lines)
+        elif "prompt" in record and not isinstance(record["prompt"], str):
+            result._bad(number, f'"prompt" must be a string, got {_json_kind(record["prompt"])}', skip_bad_lines)
+        elif "prompt" not in record:
+            result._bad(number, f'expected an object with a string "prompt"; got keys {sorted(record)}',
+                        skip_bad_lines)
         elif "adapter" in record and not (record["adapter"] is None or isinstance(record["adapter"], str)):
             result._bad(number, f'"adapter" must be an adapter\'s name or null (the base model), got '
                                 f'{record["adapter"]!r}', skip_bad_lines)
@@ -333,6 +385,7 @@ def tokenize_example(ex: Example, tokenizer: PreTrainedTokenizerBase, max_len: i
     stays whole when it fits in `max_len` - 1; a longer completion is cut at the end, after
     max_len // 2 prompt tokens at most, and then has no EOS.
     """
+    _check_max_len(max_len)
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no eos_token; set one, so the model can learn where a completion ends")
@@ -342,11 +395,15 @@ def tokenize_example(ex: Example, tokenizer: PreTrainedTokenizerBase, max_len: i
     return {"input_ids": prompt_ids + completion_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + completion_ids}
 
 
+def _check_max_len(max_len: int) -> None:
+    # A SettingError: the command line sets it as --seq-len. Two tokens: one to read and one to predict.
+    if isinstance(max_len, bool) or not isinstance(max_len, numbers.Integral) or max_len < 2:
+        raise SettingError(Setting("max_len"), f" (the longest example, in tokens) must be at least 2, got {max_len!r}")
+
+
 def _truncate(prompt: list[int], completion: list[int], max_len: int, bos: int | None) -> tuple[list[int], list[int]]:
     if len(prompt) + len(completion) <= max_len:
         return prompt, completion
-    if max_len < 2:
-        raise ValueError(f"max_len must be at least 2, got {max_len}")
     keep_bos = bool(prompt) and bos is not None and prompt[0] == bos
     head, body = prompt[:keep_bos], prompt[keep_bos:]
     room = max_len - len(completion) - len(head)  # prompt tokens that fit beside the whole completion
@@ -359,6 +416,7 @@ def _truncate(prompt: list[int], completion: list[int], max_len: int, bos: int |
 def tokenize_classification(ex: ClassificationExample, tokenizer: PreTrainedTokenizerBase,
                             max_len: int) -> dict[str, Any]:
     """Encoder inputs (`[CLS] a [SEP] b [SEP]` for BERT) and `labels`, the int class, truncated longest-first."""
+    _check_max_len(max_len)
     enc = tokenizer(ex.text, ex.text_pair, truncation=True, max_length=max_len)
     out: dict[str, Any] = {"input_ids": list(enc["input_ids"]), "labels": ex.label}
     if "token_type_ids" in enc:

@@ -23,16 +23,28 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
+def file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` gives a new file: 0o666 less the umask (0o644 under the
+    usual 0o022). Writers that make private files (safetensors writes 0o600) are brought back to it."""
+    # os.umask can only read the mask by setting one; 0o077 meanwhile, so a file another thread
+    # makes in that instant is too private rather than too open.
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_files(files: dict[Path, Callable[[Path], Any]]) -> None:
     """Write every file to a temp file beside it, and only when all are written and synced rename
     them into place: a failed write (disk full, an exception) leaves the old set whole, never a new
-    file beside an old one."""
+    file beside an old one. The files get the usual mode (`file_mode`)."""
     tmps: dict[Path, Path] = {}
+    mode = file_mode()
     try:
         for path, write in files.items():
             tmps[path] = temp_path(path)
             with naming_path(path):
                 write(tmps[path])
+            os.chmod(tmps[path], mode)
             with open(tmps[path], "rb") as f:
                 os.fsync(f.fileno())
         for path, tmp in tmps.items():
@@ -44,19 +56,26 @@ def atomic_write_files(files: dict[Path, Callable[[Path], Any]]) -> None:
                 tmp.unlink()
 
 
-def atomic_write_dir(path: Path, write: Callable[[Path], Any]) -> None:
+def atomic_write_dir(path: Path, write: Callable[[Path], Any], replace: bool = False) -> None:
     """``write(folder)`` fills a temp folder beside ``path``; its files then move into ``path``
     (created if missing) one rename each, so a failure on the way leaves no half-written file there.
-    Files already in ``path`` that the new set does not have are left alone."""
+    Files already in ``path`` that the new set does not have are left alone, unless ``replace``:
+    then the new folder takes the place of the old one whole (`_swap_dir`), and none of the old
+    files stays. The files get the usual mode (`file_mode`)."""
     path = Path(path)
     tmp = temp_path(path)
+    mode = file_mode()
     try:
         with naming_path(path):
             write(tmp)
         for f in tmp.rglob("*"):
             if f.is_file():
+                os.chmod(f, mode)
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
+        if replace and path.exists():
+            _swap_dir(tmp, path)
+            return
         path.mkdir(parents=True, exist_ok=True)
         for f in sorted(tmp.rglob("*")):
             target = path / f.relative_to(tmp)
@@ -67,6 +86,21 @@ def atomic_write_dir(path: Path, write: Callable[[Path], Any]) -> None:
         fsync_directory(path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_dir(new: Path, path: Path) -> None:
+    """Put the folder ``new`` in the place of the folder ``path``: two renames (the old one aside,
+    the new one in), then the old one is deleted. If the second rename fails, the old folder goes
+    back; only a crash between the two renames leaves it aside, whole, under a hidden name."""
+    aside = temp_path(path)
+    os.replace(path, aside)
+    try:
+        os.replace(new, path)
+    except BaseException:
+        os.replace(aside, path)
+        raise
+    fsync_directory(path.parent)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def atomic_save_figure(fig: Any, path: Path) -> Path:
@@ -134,18 +168,19 @@ def prepare_output_dir(path: str | os.PathLike, option: str = "--out") -> Path:
 
 
 def prepare_output_file(path: str | os.PathLike, option: str = "--out") -> Path:
-    """Check that ``path`` can be written as a file, and create the folders above it."""
+    """Check that ``path`` can be written as a file. Creates nothing: the folders above it are made
+    when there is a result to write (`create_parent_folders`), so a failed command leaves none behind."""
     path = Path(path)
     if path.is_dir():
         raise OutputPathError(f"{option} {path}: this is a folder, and a file is needed here; "
                               f"give a file path such as {path / 'out.json'}")
     _check_writable_under(path.parent, option, target=path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputPathError(f"{option} {path}: cannot create the folder {path.parent} ({e.strerror}); "
-                              f"choose a path you can write to") from None
     return path
+
+
+def create_parent_folders(path: str | os.PathLike) -> None:
+    """The missing folders above the file ``path``, made just before it is written."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
 
 
 def _check_writable_under(folder: Path, option: str, target: Path | None = None) -> None:

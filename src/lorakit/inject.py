@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from .config import ALL_LINEAR, ConfigError, LoraConfig, init_from_weight, layer_index, name_matches
 from .hints import Setting
-from .layers import LoraLayer, TrainableCopy, is_linear_family, kind_of, lora_class_for, refusal, registered_kinds
+from .layers import (LoraLayer, LoraSlicedLinear, TrainableCopy, is_linear_family, kind_of, lora_class_for, refusal,
+                     registered_kinds)
 from .layers.quantized import LoraQuantizedLinear, is_quantized_layer, keep_packed_layout
 from .layers import swiglu
 
@@ -102,20 +104,20 @@ def find_targets(model: nn.Module, config: LoraConfig, *,
         if config.layers_to_transform is not None and layer_index(name) not in config.layers_to_transform:
             continue
         if isinstance(module, TrainableCopy):
-            raise ConfigError(f"target_modules matches {name!r}, which an adapter on this model trains as a "
-                              f"full copy (modules_to_save); it cannot carry LoRA as well")
+            raise ConfigError(Setting("target_modules"), f" matches {name!r}, which an adapter on this model trains "
+                              f"as a full copy (modules_to_save); it cannot carry LoRA as well")
         why = refusal(base)
         if why is not None:
-            raise ConfigError(f"target_modules matches {name!r}, a {why}")
+            raise ConfigError(Setting("target_modules"), f" matches {name!r}, a {why}")
         parent_name = name.rpartition(".")[0]
         parent = model.get_submodule(parent_name) if parent_name else model
         if isinstance(parent, _READ_BY_PARENT):
             if all_linear:
                 bypassed.append(name)
                 continue
-            raise ConfigError(f"target_modules matches {name!r}, inside a {type(parent).__name__}, which reads "
-                              f"its weight directly and never calls its forward, so LoRA there would have no "
-                              f"effect; lorakit does not adapt {type(parent).__name__} (exclude it)")
+            raise ConfigError(Setting("target_modules"), f" matches {name!r}, inside a {type(parent).__name__}, "
+                              f"which reads its weight directly and never calls its forward, so LoRA there would "
+                              f"have no effect; lorakit does not adapt {type(parent).__name__} (exclude it)")
         kind = kind_of(base)
         if config.fused_slices_for(name) is not None and kind.sliced_class is None:
             sliceable = ", ".join(k.name for k in registered_kinds() if k.sliced_class)
@@ -127,8 +129,12 @@ def find_targets(model: nn.Module, config: LoraConfig, *,
                       f"their parent reads their weight directly and never calls their forward, so LoRA "
                       f"there would have no effect", stacklevel=3)
     if not targets:
-        raise ConfigError(f"target_modules={config.target_modules!r} matches no module of this "
-                          f"{type(model).__name__}; modules it could adapt: {candidate_names(model)}")
+        listed = not isinstance(config.target_modules, str)
+        shown = list(config.target_modules) if listed else config.target_modules
+        raise ConfigError(Setting("target_modules"), f" {shown!r} matches no module of this {type(model).__name__}; "
+                          f"modules it could adapt: {candidate_names(model)}",
+                          *([". (", Setting("missing_targets", "drop"), " would not help: it leaves out the names "
+                             "that match no module, and at least one has to match)"] if listed else []))
     unused = unmatched_targets(config, targets)
     if unused and missing_targets == "error":
         raise ConfigError(Setting("target_modules"), f" entries {unused} match no module of this "
@@ -161,7 +167,7 @@ def candidate_names(model: nn.Module, limit: int = 30) -> list[str]:
 
 
 def inject(model: nn.Module, config: LoraConfig, name: str = "default", *,
-           dtype: torch.dtype = torch.float32, missing_targets: str = "warn") -> nn.Module:
+           dtype: torch.dtype = torch.float32, missing_targets: str = "warn", check_rank: bool = True) -> nn.Module:
     """Add adapter ``name`` to the modules ``config`` selects, in place, and freeze the rest.
 
     Only the new adapter (plus the biases chosen by ``config.bias`` and its ``modules_to_save``)
@@ -171,6 +177,9 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default", *,
     ``missing_targets`` ("warn", "error" or "drop") is what a ``target_modules`` entry that matches
     no module does; see ``find_targets``. With "drop" the adapter's config, and so a saved
     adapter_config.json, lists only the entries that matched.
+
+    A rank above min(d_out, d_in) of a target is refused (`check_ranks`); ``check_rank=False``
+    accepts it, for an adapter whose factors come from elsewhere (`load_adapter` passes it).
     """
     check_adapter_name(name)
     state = model.__dict__.get("lora_state")
@@ -181,11 +190,15 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default", *,
     if missing_targets == "drop" and unused:
         config = config.replace(target_modules=[t for t in config.target_modules if t not in unused])
     saved_targets = _find_saved(model, config)
-    if init_from_weight(config.init):  # PiSSA/OLoRA rewrite base weights: ask every target before the first
-        for module_name, module in targets:
-            probe = module if isinstance(module, LoraLayer) else \
-                new_layer(module_name, module, config.fused_slices_for(module_name))
+    # Empty layers of the kinds inject puts there (the model's own where it already is one), asked
+    # before anything changes: ranks, and PiSSA/OLoRA, which rewrite base weights.
+    probes = {module_name: module if isinstance(module, LoraLayer) else
+              new_layer(module_name, module, config.fused_slices_for(module_name)) for module_name, module in targets}
+    if init_from_weight(config.init):
+        for module_name, probe in probes.items():
             probe.check_init(config.rank_for(module_name), config.init)
+    if check_rank:
+        check_ranks(config, probes)
     if state is None:
         state = LoraState(requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
         model.__dict__["lora_state"] = state
@@ -225,6 +238,45 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default", *,
     _freeze_all_but(model, name, config)
     swiglu.install(model)  # SwiGLU MLPs whose down_proj is now a LoRA layer
     return model
+
+
+def delta_shape(layer: LoraLayer) -> tuple[int, int]:
+    """(d_out, d_in) of one adapter's ΔW = B·A at ``layer``: a slice of a fused projection for a
+    sliced layer, (out_channels, in_channels·kernel) for a convolution, (dim, vocab) for an embedding."""
+    if isinstance(layer, LoraSlicedLinear):
+        return layer.slice_size, layer.in_features
+    shape_a, shape_b = layer.adapter_shapes(1)  # A (1, *d_in), B (d_out, 1, ...)
+    return shape_b[0], math.prod(shape_a[1:])
+
+
+def check_ranks(config: LoraConfig, layers: Mapping[str, LoraLayer]) -> None:
+    """Refuse a rank above min(d_out, d_in) at any of ``layers`` (module name -> layer).
+
+    ΔW = B·A has rank at most min(d_out, d_in) whatever r is (the paper's r ≪ min(d, k), §4.1), so
+    a larger r adds only parameters, gradients and optimizer state: --rank 100000 on SmolLM2's q, v
+    is ~23 GB of float32 factors, four times that with gradients and AdamW. PEFT accepts it for
+    plain LoRA (only its MiCA and KaSA variants refuse), but no variant here gains from it: DoRA's
+    magnitude is apart from r, and PiSSA/OLoRA take at most min(d_out, d_in) directions
+    (`weight_init.check_rank`). So the limit is min, not max(d_out, d_in). Ranks above it do
+    legitimately arise from factors made elsewhere, never from a choice of r: a PiSSA/OLoRA adapter
+    saved as plain LoRA has rank 2r, combine's "cat" Σ rᵢ, and PEFT writes any r; those come in
+    with ``inject(check_rank=False)``."""
+    over = []  # (module name, its rank, (d_out, d_in)), the tightest first
+    for module_name, layer in layers.items():
+        rank, shape = config.rank_for(module_name), delta_shape(layer)
+        if rank > min(shape):
+            over.append((module_name, rank, shape))
+    if not over:
+        return
+    over.sort(key=lambda o: min(o[2]))
+    module_name, rank, (d_out, d_in) = over[0]
+    more = f" (and {len(over) - 1} more target(s))" if len(over) > 1 else ""
+    chosen: list[str | Setting] = [Setting("r", rank), " is"] if rank == config.r else \
+        [f"rank_pattern gives {module_name} rank {rank}, which is"]
+    raise ConfigError(*chosen, f" more than ΔW = B·A can use at {module_name}{more}: ΔW there is ({d_out}, {d_in}), "
+                      f"so its rank is at most {min(d_out, d_in)} whatever the adapter's rank, and a larger one only "
+                      f"costs memory. Give at most {min(d_out, d_in)}, or leave such modules out of ",
+                      Setting("target_modules"))
 
 
 def variant_name(config: LoraConfig) -> str:

@@ -151,6 +151,11 @@ def _config_to_json(config: LoraConfig) -> dict[str, Any]:
 def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """Read and check an adapter directory without touching any model."""
     directory = Path(path)
+    if directory.is_file():  # a file of the adapter (adapter_model.safetensors), most often
+        beside = directory.parent / CONFIG_NAME
+        hint = f"; its folder {directory.parent} holds {CONFIG_NAME}: give that folder" if beside.is_file() else ""
+        raise AdapterFileError(f"{directory} is a file, not an adapter directory: an adapter is the folder that "
+                               f"holds {CONFIG_NAME} and {WEIGHTS_NAME}{hint}")
     if not directory.is_dir():
         raise AdapterFileError(f"{directory}: no such adapter directory")
     config_file, weights_file = directory / CONFIG_NAME, directory / WEIGHTS_NAME
@@ -174,6 +179,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.T
     if not isinstance(peft_json, dict):
         raise AdapterFileError(f"{config_file}: holds a JSON {type(peft_json).__name__}, not an object of "
                                f"LoRA config fields")
+    _check_factor_dtypes(tensors, weights_file)
     try:
         config = LoraConfig.from_peft_dict(peft_json, source=str(config_file))
     except ConfigError as e:
@@ -186,6 +192,18 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.T
         _check_same_config(config, own, config_file, weights_file)
         config = own  # it also knows what PEFT's JSON cannot say (fused_projections slices, init)
     return config, tensors
+
+
+def _check_factor_dtypes(tensors: dict[str, torch.Tensor], weights_file: Path) -> None:
+    """A and B (and a variant's own tensors, DoRA's magnitudes) are learned real numbers: an integer
+    or bool tensor there is no adapter (copied into a float parameter it would load silently)."""
+    for key, value in tensors.items():
+        rest = key.removeprefix(PREFIX)
+        if (factor_key(rest) is not None or rest.rpartition(".")[2] in variants.extra_keys()) \
+                and not value.is_floating_point():
+            raise AdapterFileError(f"{weights_file}: {key} holds {value.dtype} values; LoRA factors must be "
+                                   f"floating point (float32, bfloat16, float16, ...): the file was not written "
+                                   f"as an adapter, or was converted wrongly")
 
 
 def _check_same_config(from_json: LoraConfig, own: LoraConfig, config_file: Path, weights_file: Path) -> None:
@@ -260,7 +278,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
 
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     try:
-        inject(model, config, name, dtype=dtype)
+        inject(model, config, name, dtype=dtype, check_rank=False)  # the file's rank: PEFT loads any r
     except ConfigError as e:  # e.g. a layer that already carries adapters with other slices
         raise AdapterFileError(f"{config_file} does not fit this {type(model).__name__}: {e}") from None
     overwritten: list[tuple[torch.Tensor, torch.Tensor]] = []  # base tensors and their old values

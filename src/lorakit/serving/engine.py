@@ -50,6 +50,7 @@ from torch import nn
 
 from ..data import encode_prompt
 from ..inject import lora_modules
+from ..io import check_adapter_name
 from ..prefix import load_prefix, model_hidden_size
 from . import attention as attention_names
 from .bank import AdapterBank
@@ -155,6 +156,7 @@ class Engine:
         number of adapters can be added; ``max_adapters`` of them are in the bank's slots at a time,
         and joining requests take the slots of the least recently used adapters that no running
         request uses (see `bank.py`). Requests already running are not affected."""
+        check_adapter_name(name)  # before any file is read: a bad name is refused as itself
         source = path.path if isinstance(path, AdapterFactors) else path
         prefix = load_prefix(source, hidden_size=model_hidden_size(self.model))  # refused before the bank changes
         self.bank.add(name, path)

@@ -14,7 +14,8 @@ client's disconnect (which cancels its request here), lifespan hooks. FastAPI wo
 validation and generated docs, but its validation errors are 422s in its own shape, not OpenAI's
 400s, so we would override them anyway; the bodies are checked by hand in `server_api.py` to say
 which field is wrong. uvicorn is the reference ASGI server, with a graceful shutdown that stops
-accepting, lets running responses finish and cancels them after a timeout. prometheus-client is the
+accepting and lets running responses finish; past a timeout, `make_server` cancels them itself, so
+that each gets an OpenAI-shaped answer (uvicorn's own cancel cuts them). prometheus-client is the
 Prometheus project's own client.
 """
 
@@ -39,6 +40,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from ..data import encode_prompt
+from ..io import check_adapter_name
 from .engine import Engine
 from .server_api import (DONE, ApiError, Generation, chunk_body, completion_logprobs, parse_chat, parse_completion,
                          read_json,
@@ -48,6 +50,7 @@ from .server_metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+SHUTDOWN_GRACE = 2.0  # seconds, after the shutdown timeout, for cancelled requests to write their 503s
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,15 @@ class Server:
                              f"give the base another served_model_name or rename the adapter")
         if options.adapter_dir is not None and not Path(options.adapter_dir).is_dir():
             raise FileNotFoundError(f"adapter_dir {options.adapter_dir}: no such folder; create it or give another")
+        key = options.api_key  # never shown in a message: it is a secret
+        if key is not None and not isinstance(key, str):
+            raise ValueError(f"api_key must be a string or None, got a {type(key).__name__}")
+        if key is not None and not key.strip():
+            raise ValueError("--api-key is empty, which would switch authentication off without a word: give a key, "
+                             "or leave --api-key out to serve without one")
+        if key is not None and key != key.strip():
+            raise ValueError("--api-key starts or ends with spaces, which no client's Authorization header can "
+                             "match: remove them")
         interval = options.gil_switch_interval
         if interval is not None and not (isinstance(interval, (int, float)) and 0 < interval <= 1):
             raise ValueError(f"gil_switch_interval must be a number of seconds in (0, 1] or None, got {interval!r}")
@@ -89,7 +101,7 @@ class Server:
         self.metrics.adapter_loads.inc(len(engine.adapters))
         self.loop = EngineLoop(engine, self.metrics, max_pending=engine.max_batch + options.max_queue)
         self.started = int(time.time())
-        self._key = options.api_key.encode() if options.api_key else None
+        self._key = key.encode() if key is not None else None
         self._root = Path(options.adapter_dir).resolve() if options.adapter_dir is not None else None
 
     def app(self) -> Starlette:
@@ -185,7 +197,8 @@ class Server:
 
     async def _generate(self, request: HttpRequest, g: Generation, encode: Callable) -> Response:
         adapter = self._adapter_for(g.model)
-        job = Job(encode, adapter, g.model, g.max_tokens, g.engine_options(), g.stream, asyncio.get_running_loop())
+        job = Job(encode, adapter, g.model, g.max_tokens, g.engine_options(), g.stream, asyncio.get_running_loop(),
+                  prompt_field="messages" if g.chat else "prompt")
         self.loop.submit(job)
         try:
             prompt_tokens = await job.accepted
@@ -258,6 +271,10 @@ class Server:
         if name == self.options.served_model_name:
             raise ApiError(400, f"lora_name {name!r} is the base model's served name; pick another name",
                            param="lora_name")
+        try:
+            check_adapter_name(name)
+        except ValueError as e:
+            raise ApiError(400, f"lora_name: {e}", param="lora_name") from None
         path = self._adapter_path(given)
         try:
             # read and checked off the engine's thread (generation goes on); only the install waits for a step
@@ -287,6 +304,9 @@ class Server:
 
     def _adapter_path(self, given: str) -> Path:
         """The adapter folder ``given`` names: under --adapter-dir (no ``..``, no link out of it)."""
+        if "\0" in given:  # no path has one (the OS refuses it: Path.resolve raises ValueError)
+            raise ApiError(400, f"lora_path {given!r} has a NUL character; give an adapter folder's path",
+                           param="lora_path")
         if self.options.allow_any_adapter_path:
             return Path(given).expanduser()
         if self._root is None:
@@ -359,15 +379,41 @@ def make_app(engine: Engine, options: ServerOptions | None = None) -> Starlette:
     return Server(engine, options or ServerOptions()).app()
 
 
+def make_server(engine: Engine, options: ServerOptions | None = None, *, host: str = "127.0.0.1", port: int = 8000,
+                shutdown_timeout: float = 10.0, log_level: str = "info"):
+    """The uvicorn server that `run` runs (``.run()`` blocks; ``.should_exit = True`` is what SIGTERM
+    does). Its shutdown stops accepting connections and lets running requests finish for up to
+    ``shutdown_timeout`` seconds; then it cancels the rest itself, so each still gets an answer: a
+    503 in OpenAI's shape, or a stream's error event and ``data: [DONE]``. (uvicorn's own cancel,
+    `SHUTDOWN_GRACE` seconds later, is a backstop for a handler that does not end: it would answer a
+    plain-text 500 and cut a stream mid-way.)"""
+    import uvicorn
+
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"--port {port}: a TCP port is a number from 0 to 65535")
+    served = Server(engine, options or ServerOptions())
+
+    class GracefulServer(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            timer = asyncio.get_running_loop().call_later(
+                shutdown_timeout, served.loop.cancel_all,
+                f"the server shut down before this request finished (--shutdown-timeout {shutdown_timeout:g} s); "
+                f"send it again to a server that runs")
+            try:
+                await super().shutdown(sockets)
+            finally:
+                timer.cancel()
+
+    return GracefulServer(uvicorn.Config(served.app(), host=host, port=port, log_level=log_level, lifespan="on",
+                                         timeout_graceful_shutdown=shutdown_timeout + SHUTDOWN_GRACE))
+
+
 def run(engine: Engine, options: ServerOptions | None = None, *, host: str = "127.0.0.1", port: int = 8000,
         shutdown_timeout: float = 10.0, log_level: str = "info") -> None:
     """Serve until SIGTERM or Ctrl-C. On SIGTERM: stop accepting connections, let running responses
-    finish for up to ``shutdown_timeout`` seconds, cancel what is left, return."""
-    import uvicorn
-
-    app = make_app(engine, options)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                                           timeout_graceful_shutdown=shutdown_timeout))
+    finish for up to ``shutdown_timeout`` seconds, cancel what is left (see `make_server`), return."""
+    server = make_server(engine, options, host=host, port=port, shutdown_timeout=shutdown_timeout,
+                         log_level=log_level)
     # uvicorn shuts down on SIGTERM, then raises the signal again for the handler it found: make that a
     # no-op, so a SIGTERM ends the process with exit status 0 after the graceful shutdown.
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .engine import Engine
-from .request import Event, Request
+from .request import Event, Request, TokenLogprob
 from .server_api import ApiError
 from .server_metrics import ServerMetrics
 
@@ -51,6 +51,7 @@ class Job:
     options: dict                        # more keywords of Engine.submit
     stream: bool
     loop: asyncio.AbstractEventLoop
+    prompt_field: str = "prompt"         # the body's field that holds the prompt ("messages" for chat)
     accepted: asyncio.Future = field(init=False)
     done: asyncio.Future = field(init=False)
     events: asyncio.Queue = field(init=False)
@@ -58,6 +59,7 @@ class Job:
     request: Request | None = None
     last_token: float | None = None
     series: tuple | None = None          # its label's (ttft, inter_token, generation_tokens) metric children
+    scored: int = 0                      # tokens whose log-probabilities have gone out (streams)
 
     def __post_init__(self) -> None:
         self.accepted, self.done = self.loop.create_future(), self.loop.create_future()
@@ -122,6 +124,13 @@ class EngineLoop:
         """End ``job`` now (its client left); a job that has ended already is left alone."""
         self._inbox.put(("cancel", job))
 
+    def cancel_all(self, message: str) -> None:
+        """Refuse new jobs and end every accepted one with a 503 saying ``message`` (their clients get
+        it as an error body, or a stream's error event); the thread goes on, for `stop`."""
+        with self._lock:
+            self.stopping = True
+        self._inbox.put(("cancel_all", message))
+
     async def call(self, fn: Callable[[Engine], Any]) -> Any:
         """``fn(engine)`` on the engine thread, between steps: its result, or its exception raised here."""
         loop = asyncio.get_running_loop()
@@ -162,7 +171,7 @@ class EngineLoop:
     def _submit(self, job: Job) -> None:
         try:
             ids = job.encode(self.engine.tokenizer)
-            max_new = self._room(len(ids), job.max_tokens)
+            max_new = self._room(job, len(ids))
             request = self.engine.submit(ids, job.adapter, max_new_tokens=max_new, **job.options)
         except Exception as e:  # noqa: BLE001 - every refusal goes back to its client
             self._refuse(job, e)
@@ -172,22 +181,34 @@ class EngineLoop:
         job.series = (m.ttft.labels(job.label), m.inter_token.labels(job.label), m.generation_tokens.labels(job.label))
         self._jobs[request.id] = job
         self.metrics.prompt_tokens.labels(job.label).inc(len(ids))
-        self.metrics.queue_depth.set(len(self.engine.waiting))
+        self._gauges()
         self._send(job.accepted, len(ids))
 
-    def _room(self, n_prompt: int, max_tokens: int | None) -> int:
-        """max_new_tokens for a prompt of ``n_prompt`` tokens; 400 when it cannot fit the context."""
-        limit = self.engine.max_seq_len  # the last new token is never fed back: n + max_tokens - 1 positions
-        if n_prompt > limit:
-            raise ApiError(400, f"the prompt has {n_prompt} tokens, over the server's context of {limit} tokens "
-                                f"(--max-seq-len): shorten it", param="prompt", code="context_length_exceeded")
+    def _room(self, job: Job, n_prompt: int) -> int:
+        """max_new_tokens for ``job``'s prompt of ``n_prompt`` tokens; 400 when it cannot fit the context.
+        A prefix-tuned adapter's n_prefix virtual tokens go in front of the prompt and take context too."""
+        field, max_tokens, one = job.prompt_field, job.max_tokens, job.prompt_field == "prompt"
+        what = "the prompt" if one else "the messages (through the chat template)"
+        if n_prompt == 0:
+            raise ApiError(400, f"{what} {'is' if one else 'are'} empty: no tokens to continue from; send some text",
+                           param=field)
+        prefix = self.engine.prefixes.get(job.adapter)
+        n_prefix = 0 if prefix is None else prefix.shape[0]
+        taken = n_prompt + n_prefix
+        has = f"{what} {'has' if one else 'have'} {n_prompt} tokens" + (
+            f" and adapter {job.adapter!r} puts {n_prefix} prefix tokens (its n_prefix) in front: {taken}"
+            if n_prefix else "")
+        limit = self.engine.max_seq_len  # the last new token is never fed back: taken + max_tokens - 1 positions
+        if taken > limit:
+            raise ApiError(400, f"{has}, over the server's context of {limit} tokens (--max-seq-len): shorten "
+                                f"the {field}", param=field, code="context_length_exceeded")
         if max_tokens is None:
-            return limit - n_prompt + 1
-        if n_prompt + max_tokens - 1 > limit:
-            raise ApiError(400, f"the prompt has {n_prompt} tokens; with max_tokens={max_tokens} it needs "
-                                f"{n_prompt + max_tokens - 1} positions, over the server's context of {limit} "
-                                f"(--max-seq-len): lower max_tokens to {limit - n_prompt + 1} or less, or shorten the "
-                                f"prompt", param="max_tokens", code="context_length_exceeded")
+            return limit - taken + 1
+        if taken + max_tokens - 1 > limit:
+            raise ApiError(400, f"{has}; with max_tokens={max_tokens} that needs {taken + max_tokens - 1} positions, "
+                                f"over the server's context of {limit} (--max-seq-len): lower max_tokens to "
+                                f"{limit - taken + 1} or less, or shorten the {field}", param="max_tokens",
+                           code="context_length_exceeded")
         return max_tokens
 
     def _refuse(self, job: Job, error: Exception) -> None:
@@ -211,6 +232,7 @@ class EngineLoop:
             return  # refused, or ended already
         self.engine.cancel(request)
         self._end(job, Finished(request.text, len(request.tokens), "cancelled"))
+        self._gauges()
 
     def _call(self, item) -> None:
         fn, future, loop = item
@@ -242,9 +264,13 @@ class EngineLoop:
                     self._record(job, event, now)
         finally:
             self._flush()
+        self._gauges()
+        self._count_evictions()
+
+    def _gauges(self) -> None:
+        """The batch's gauges, after anything that changes it (a step, a submit, a cancel)."""
         self.metrics.queue_depth.set(len(self.engine.waiting))
         self.metrics.running.set(len(self.engine.running))
-        self._count_evictions()
 
     def _record(self, job: Job, event: Event, now: float) -> None:
         if event.tokens:
@@ -256,11 +282,26 @@ class EngineLoop:
             job.last_token = now
             generated.inc(len(event.tokens))
         if job.stream:
-            self._put(job, (event, self.pieces(event.logprobs)))
+            self._put(job, (event, self.pieces(self._released_logprobs(job, event.finished))))
         if event.finished:
             request = job.request
             self._end(job, Finished(request.text, len(request.tokens), event.finish_reason,
-                                    self.pieces(request.logprobs)))
+                                    [] if job.stream else self.pieces(self._released_logprobs(job, True))))
+
+    @staticmethod
+    def _released_logprobs(job: Job, final: bool) -> list[TokenLogprob]:
+        """``job``'s token log-probabilities not sent yet, up to the last token of the text released
+        so far: they go out with their text, and the tokens of a stop string (cut from the text) never
+        do. Once it ends other than by a stop string, every token's (some render no text)."""
+        request, text = job.request, job.request.detokenizer
+        if request.top_logprobs is None:
+            return []
+        if text is None or (final and not text.stopped):
+            kept = len(request.logprobs)
+        else:
+            kept = text.tokens_for(len(text.text))
+        new, job.scored = request.logprobs[job.scored:kept], max(job.scored, kept)
+        return new
 
     def pieces(self, logprobs: list) -> list[dict]:
         """`request.TokenLogprob`s with their tokens as text (decoded here: the tokenizer is this
@@ -284,6 +325,7 @@ class EngineLoop:
         self.engine.cancel_all()  # also what a failed step may have left half-done
         for job in list(self._jobs.values()):
             self._end(job, ApiError(status, message))
+        self._gauges()
 
     def _slotted(self) -> set[str]:
         return {name for name, entry in self.engine.bank.entries.items() if entry.slot is not None}

@@ -13,6 +13,7 @@ stop string is held back, so the released text never contains a stop string (or 
 
 from __future__ import annotations
 
+import bisect
 import functools
 from typing import Callable
 
@@ -58,6 +59,7 @@ class IncrementalText:
         self.decoded = ""       # the decoding of tokens[:released]
         self.text = ""          # decoded, cut before a stop string, minus a held-back tail
         self.head = ""          # the decoding of tokens[context:released]
+        self.ends: list[int] = []  # per settled token: len(decoded) once it is in (see `tokens_for`)
         self.stopped = False
 
     def push(self, token: int) -> str:
@@ -81,9 +83,19 @@ class IncrementalText:
         self.text = self.decoded
         return new
 
+    def tokens_for(self, length: int) -> int:
+        """The fewest tokens whose decoding holds the first ``length`` characters of the text: the
+        tokens that made a text cut there (those after it made only a stop string, or nothing yet)."""
+        if length <= 0:
+            return 0
+        return min(bisect.bisect_left(self.ends, length) + 1, len(self.ends))
+
     def _settle(self, window: str) -> None:
         """tokens[context:] decode to ``window``: append its part past the context's own decoding."""
+        before = len(self.decoded)
         self.decoded += window[len(self.head):]
+        # the tokens of one character split over several end where it ends; those before it add nothing
+        self.ends += [before] * (len(self.tokens) - len(self.ends) - 1) + [len(self.decoded)]
         self.context, self.released = self.released, len(self.tokens)
         self.head = self._decode(self.tokens[self.context:self.released])
         # a context that renders nothing (a skipped special token) loses the next word's leading

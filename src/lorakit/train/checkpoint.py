@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..files import fsync_directory, naming_path, temp_path
+from ..files import file_mode, fsync_directory, naming_path, temp_path
 
 FORMAT_VERSION = 1
 STATE, ADAPTER, OPTIMIZER, RNG = "trainer_state.json", "adapter.safetensors", "optimizer.safetensors", "rng.safetensors"
@@ -172,7 +172,9 @@ def save_checkpoint(directory: Path, *, params: dict[str, torch.Tensor], optimiz
             save_file(optimizer_tensors, str(tmp / OPTIMIZER))
             save_file(rng_tensors, str(tmp / RNG))
             (tmp / STATE).write_text(json.dumps(full_state, indent=1) + "\n")
+        mode = file_mode()  # safetensors writes 0o600; a checkpoint is read like any other file
         for f in tmp.iterdir():
+            os.chmod(f, mode)
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         fsync_directory(tmp)
@@ -231,16 +233,21 @@ def load_checkpoint(directory: Path) -> Checkpoint:
 
 
 def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
-    """Refuse to continue a run with other settings: the result would be neither run."""
+    """Refuse to continue a run with other settings: the result would be neither run. The message
+    lists each setting that differs, down to the field of a nested one (`lora.r`), with both values."""
     saved, current = json.loads(json.dumps(saved)), json.loads(json.dumps(current))
-    differ = [f"{k}: {_brief(saved.get(k))} in the checkpoint, {_brief(current.get(k))} now"
-              for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    differ = [f"{key}: {json.dumps(old)} in the checkpoint, {json.dumps(new)} now"
+              for key, old, new in _differences(saved, current)]
     if differ:
         raise ResumeError(f"cannot resume from {path}: it belongs to a run with other settings ("
-                          + "; ".join(differ) + "). Resume with the same settings, or start a new run in "
-                          "another out_dir")
+                          + "; ".join(differ) + "). Resume with the same settings, or start afresh: with ",
+                          Setting("overwrite", True), " instead of ", Setting("resume", True), " (the old run is "
+                          "replaced at the new one's first checkpoint), or in another ", Setting("out_dir"))
 
 
-def _brief(value: Any, limit: int = 120) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= limit else text[:limit] + "..."
+def _differences(saved: Any, current: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, saved value, current value) for every leaf where two JSON objects differ."""
+    if not (isinstance(saved, dict) and isinstance(current, dict)):
+        return [] if saved == current else [(prefix.rstrip("."), saved, current)]
+    return [d for k in sorted(set(saved) | set(current))
+            for d in _differences(saved.get(k), current.get(k), f"{prefix}{k}.")]

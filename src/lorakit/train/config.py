@@ -72,9 +72,11 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 problems.append([Setting(name), f" must be >= 1, got {getattr(self, name)}"])
         if self.max_steps is not None and self.max_steps < 1:
-            problems.append([Setting("max_steps"), f" must be >= 1 or None, got {self.max_steps}"])
+            problems.append([Setting("max_steps"), " must be >= 1 (or leave it unset to run ", Setting("epochs"),
+                             f" passes over the data), got {self.max_steps}"])
         if self.max_steps is None and not self.epochs > 0:
-            problems.append([Setting("epochs"), f" must be > 0 when max_steps is None, got {self.epochs}"])
+            problems.append([Setting("epochs"), " must be > 0 (or set ", Setting("max_steps"),
+                             f" to count optimizer steps instead), got {self.epochs}"])
         if not self.lr > 0:
             problems.append([Setting("lr"), f" (the peak learning rate) must be > 0, got {self.lr}"])
         ratio = self.loraplus_ratio

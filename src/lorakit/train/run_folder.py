@@ -9,6 +9,7 @@ and how the product (the adapter, or the whole model for full fine-tuning) is wr
 
 from __future__ import annotations
 
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 from torch import nn
 
 from lorakit.config import init_from_weight
-from lorakit.files import fsync_directory
+from lorakit.files import file_mode, fsync_directory
 from lorakit.inject import lora_modules, lora_state
 from lorakit.io import save_adapter
 from lorakit.layers import LoraLayer
@@ -86,6 +87,10 @@ def save_product(model: nn.Module, path: Path, adapter_name: str | None) -> None
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
+    mode = file_mode()  # safetensors writes 0o600; a model folder is read like any other
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            os.chmod(f, mode)
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
 
