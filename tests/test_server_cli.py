@@ -100,7 +100,7 @@ def test_serve_refuses_a_port_past_65535_and_an_empty_api_key(model_dir, args, f
             process.kill()
             process.wait()
     assert process.returncode == 2 and "lorakit serve: error:" in out and flag in out, out
-    assert "Uvicorn running" not in out
+    assert "Uvicorn running" not in out and "serving 'base'" not in out  # refused before the model loads
 
 
 @pytest.mark.parametrize("flag", ["--api-key", "--adapter-dir", "--served-model-name", "--max-queue"])
