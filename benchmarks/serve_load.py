@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from lorakit.cli import HelpFormatter  # the defaults shown once, None ones not at all
+
 sys.path.insert(0, str(Path(__file__).parent))
 from serving import SHAPES, build_model, percentiles, save_adapters  # noqa: E402
 
@@ -147,7 +149,7 @@ def run_level(url: str, work: list, clients: int, new_tokens: int) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--shape", default="tinyllama", choices=list(SHAPES))
     p.add_argument("--requests", type=int, default=64, help="requests per level (and offline)")
@@ -160,12 +162,12 @@ def main() -> None:
                    help="concurrency levels, comma-separated")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: 1 on CPU)")
     p.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"],
-                   help="uvicorn's event loop (default %(default)s: uvloop when installed)")
+                   help="uvicorn's event loop (default: %(default)s: uvloop when installed)")
     p.add_argument("--http", default="auto", choices=["auto", "h11", "httptools"],
-                   help="uvicorn's HTTP parser (default %(default)s: httptools when installed)")
+                   help="uvicorn's HTTP parser (default: %(default)s: httptools when installed)")
     p.add_argument("--gil-switch-interval", default="default",
-                   help="seconds, 'none' (Python's own, 5 ms) or 'default' (ServerOptions' default) (default %(default)s)")
-    p.add_argument("--out", help="output JSON (default benchmarks/results/serve_load_<device>.json)")
+                   help="seconds, 'none' (Python's own, 5 ms) or 'default' (ServerOptions' default) (default: %(default)s)")
+    p.add_argument("--out", help="output JSON (default: benchmarks/results/serve_load_<device>.json)")
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda, but torch sees no GPU")

@@ -69,6 +69,8 @@ from pathlib import Path
 
 import torch
 
+from lorakit.cli import HelpFormatter  # the defaults shown once, None ones not at all
+
 RESULTS = Path(__file__).parent / "results"
 ROWS = ("hf_dynamic", "hf_static", "engine_base", "engine_mixed", "engine_merged", "peft_mixed")
 LABELS = {
@@ -660,7 +662,7 @@ def comma_list(choices):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--shape", default="tinyllama", choices=list(SHAPES))
     p.add_argument("--requests", type=int, default=64, help="requests, all submitted at once (the batch)")
@@ -674,9 +676,9 @@ def main() -> None:
                    "compared with transformers' greedy decoding of the prompt alone")
     p.add_argument("--time-budget", type=float, help="seconds for the whole run: a row that would not fit "
                    f"(guessed as the longest row so far, PEFT's as {PEFT_SLOWER:g}× that) is skipped")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default 1 on CPU: on a small, busy machine "
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: 1 on CPU: on a small, busy machine "
                    "more threads than free cores make every step wait on the slowest; torch's default on CUDA)")
-    p.add_argument("--repeats", type=int, help="timed runs per row, medians reported (default 3 on CPU, 1 on CUDA)")
+    p.add_argument("--repeats", type=int, help="timed runs per row, medians reported (default: 3 on CPU, 1 on CUDA)")
     p.add_argument("--sweep-adapters", type=lambda t: [int(x) for x in t.split(",") if x], default=[],
                    help="also time the engine with k distinct adapters mixed, for each k of this comma list "
                         "(the issue's plot: 1,2,4,8,16,32); the plot goes beside --out as .adapters.png "
@@ -685,7 +687,7 @@ def main() -> None:
                    "arriving at RATE per second, each for one of --bank-adapters adapters (default: not run)")
     p.add_argument("--bank-adapters", type=int, default=64, help="distinct adapters of the Poisson workload, "
                    "--adapters of them in bank slots at a time (default: %(default)s)")
-    p.add_argument("--out", help="output JSON (default benchmarks/results/serving_<device>.json)")
+    p.add_argument("--out", help="output JSON (default: benchmarks/results/serving_<device>.json)")
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda, but torch sees no GPU")

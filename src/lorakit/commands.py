@@ -83,11 +83,11 @@ def _load_base(args: argparse.Namespace, task: str = "causal", **kwargs):
 
 
 def train(args: argparse.Namespace) -> None:
+    check_device(args.device)
     if args.data == DEMO_DATA and is_main_process():
         # The first line of the run, so nobody mistakes the demo for a run on their own data.
         print("data: the built-in demo task (generated records, lorakit.demo_task), since --data is not given "
               "or is 'demo'; pass --data FILE to train on your own data")
-    check_device(args.device)
     classify = args.task == "classification"
     # §4.2 defaults: adapt Wq and Wv; a classifier's new head has to train in full.
     targets = args.targets if args.targets is not None else ("query,value" if classify else "q_proj,v_proj")
