@@ -102,3 +102,39 @@ def test_prompt_only_jsonl_lines_generate(model_dir, tmp_path):  # noqa: F811
     assert main(["generate", "--model", str(model_dir), "--data", str(data), "--max-new-tokens", "4",
                  "--out", str(out)]) == 0
     assert [json.loads(line)["prompt"] for line in out.read_text().splitlines()] == PROMPTS
+
+
+def test_the_engine_holds_what_the_longest_request_needs(model_dir, adapters, tmp_path, monkeypatch):  # noqa: F811
+    """Not the engine's default 1024 positions: --max-new-tokens up to the model's positions works."""
+    from lorakit.data import encode_prompt
+    from lorakit.serving import Engine
+    from transformers import AutoTokenizer
+
+    sizes = []
+    init = Engine.__init__
+
+    def recording(self, *args, **kwargs):
+        sizes.append(kwargs.get("max_seq_len"))
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "__init__", recording)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    longest = max(len(encode_prompt(p, tokenizer)) for p in PROMPTS[:2])
+    assert main(["generate", "--model", str(model_dir), "--adapter", f"qv={adapters['qv']}", "--adapter",
+                 f"mlp={adapters['mlp']}", "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--max-new-tokens", "3",
+                 "--out", str(tmp_path / "out.jsonl")]) == 0
+    assert sizes == [longest + 3 - 1]
+
+
+@pytest.mark.parametrize("several", [True, False], ids=["several adapters", "one adapter"])
+def test_a_request_past_the_models_positions_names_its_line_and_the_flag(model_dir, adapters, tmp_path, capsys,
+                                                                         several):  # noqa: F811
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"prompt": PROMPTS[0]}) + "\n" + json.dumps({"prompt": PROMPTS[1] * 4}) + "\n")
+    adapter = ["--adapter", f"qv={adapters['qv']}", "--adapter", f"mlp={adapters['mlp']}"] if several else \
+        ["--adapter", str(adapters["qv"])]
+    # the tiny model has 256 positions
+    assert main(["generate", "--model", str(model_dir), *adapter, "--data", str(data), "--max-new-tokens", "200"]) == 2
+    err = capsys.readouterr().err
+    assert f"{data}, line 2: the prompt has" in err and "--max-new-tokens 200" in err and "over the model's 256" in err
+    assert "max_new_tokens" not in err and "max_seq_len" not in err and "prompt 1" not in err

@@ -449,7 +449,7 @@ def test_analyze_figures_number_order_colour_bar_and_legends(twelve_layers):
         assert legend is not None
         # the legend lies right of the plotting area, so it cannot cover a bar or a line
         assert legend.get_window_extent(renderer).x0 >= ax.get_window_extent(renderer).x1
-    lower = figure.axes[1]
+    lower = figure.axes[-1]  # the lowest panel carries the layer names (one panel per adapter above it)
     ticks = lower.get_xticklabels()
     assert [t.get_text() for t in ticks][:4] == ["0.q_proj", "0.v_proj", "1.q_proj", "1.v_proj"]
     assert min(t.get_fontsize() for t in ticks) >= 8

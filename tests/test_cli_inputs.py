@@ -315,3 +315,11 @@ def test_a_combined_adapter_is_readable_by_others_under_umask_022(model_dir, ada
     assert _combine(model_dir, adapters, out) == 0
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {
         "adapter_config.json": "0o644", "adapter_model.safetensors": "0o644"}
+
+
+@pytest.mark.parametrize("command", ["generate", "eval", "train"])
+def test_a_missing_data_file_is_named_without_errno(command, tmp_path, capsys):
+    missing = tmp_path / "nope.jsonl"
+    assert main([command, "--model", "default", "--data", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {missing}: no such file or folder" in err and "Errno" not in err

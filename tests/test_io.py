@@ -507,7 +507,7 @@ def test_bad_adapter_is_refused_and_model_untouched(saved_adapter, tmp_path, cas
 
 @pytest.mark.parametrize("build, words", [
     pytest.param(lambda: tiny_llama(hidden=48), [lio.WEIGHTS_NAME, "(4, 32)", "(4, 48)"], id="llama-hidden-48"),
-    pytest.param(tiny_gpt2, [lio.CONFIG_NAME, "does not fit", "GPT2LMHeadModel", "q_proj"], id="gpt2"),
+    pytest.param(tiny_gpt2, [lio.CONFIG_NAME, "made for another base model", "GPT2LMHeadModel", "q_proj"], id="gpt2"),
 ])
 def test_adapter_for_another_base_model_is_refused(saved_adapter, build, words) -> None:
     model = build()  # the adapter is for a Llama of hidden size 32

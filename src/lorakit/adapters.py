@@ -5,11 +5,12 @@ and add B'A' to switch tasks)."""
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from .checks import tied_weight_refusal
 from .inject import lora_modules, lora_state
 from .layers import LoraLayer, LoraQuantizedLinear, MergeError
 
@@ -31,7 +32,16 @@ def use(model: nn.Module, names: str | Sequence[str]) -> None:
     adapter the forward does not use.
     """
     state = lora_state(model)
-    names = [names] if isinstance(names, str) else list(names)
+    if isinstance(names, str):
+        names = [names]
+    elif isinstance(names, Iterable) and not isinstance(names, Mapping):
+        names = list(names)
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"use() takes an adapter name or a list of names, got {names!r}; the model has "
+                        f"{list(state.configs)}")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # the forward would add such an adapter twice, and merge it once
+        raise ValueError(f"use() names {twice} more than once; name each active adapter once")
     unknown = [n for n in names if n not in state.configs]
     if unknown:
         raise KeyError(f"no adapter named {unknown} on this model; it has {list(state.configs)}")
@@ -71,6 +81,10 @@ def merge(model: nn.Module, *, safe: bool = True) -> None:
         pending = [n for n in layer.active_adapters if n not in layer.merged_adapters]
         if pending and isinstance(layer, LoraQuantizedLinear):
             raise MergeError(layer.merge_refusal(pending[0]))
+    why = tied_weight_refusal(model, [(layer, [n for n in layer.active_adapters if n not in layer.merged_adapters])
+                                      for layer in layers])
+    if why is not None:  # so is a weight another module shares (tied embeddings)
+        raise MergeError(why)
     if safe:  # check every layer first, so a bad adapter leaves no layer half-merged
         for layer in layers:
             for name in layer.active_adapters:

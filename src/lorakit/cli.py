@@ -158,7 +158,9 @@ def _generation_options(p: argparse.ArgumentParser, formats: list[str], several_
                        help="adapter directory (PEFT format); repeat as NAME=PATH to generate with several "
                             "adapters at once, each prompt with its own: a --data JSONL line names its adapter "
                             "with \"adapter\": NAME (null: the base model); lines without one, and --prompt, "
-                            "use the first (default: none: the base model alone)")
+                            "use the first. With several, decoding is greedy from the unmerged base: --merge, --beams, "
+                            "--length-penalty and --no-repeat-ngram need a single adapter (default: none: the base "
+                            "model alone)")
     else:
         p.add_argument("--adapter", help="adapter directory (PEFT format) (default: none: the base model alone)")
     p.add_argument("--merge", action="store_true",
@@ -378,7 +380,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except FileNotFoundError as e:  # the system's (errno set) says which path; ours say more
+        if os.environ.get("LORAKIT_DEBUG"):
+            raise
+        message = _os_error_message(e) if e.errno is not None and e.filename else _message(e, args.command)
+        print(f"lorakit {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except (ValueError, KeyError) as e:
         # Our errors say what is wrong and what to do; a traceback adds nothing for a user.
         if os.environ.get("LORAKIT_DEBUG"):
             raise
@@ -401,6 +409,7 @@ _OS_ADVICE = {
     errno.ENOTDIR: "a part of this path is a file, not a folder: choose another path",
     errno.EISDIR: "this is a folder, and a file is needed here: give a file path",
     errno.EEXIST: "something is already there: move it away or choose another path",
+    errno.ENOENT: "no such file or folder: check the path",
 }
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .adapters import merge as merge_adapters
 from .config import ALL_LINEAR, LoraConfig
-from .data import ClassificationExample, PromptLine, read_prompts, read_references
+from .data import ClassificationExample, PromptLine, encode_prompt, read_prompts, read_references
 from .files import (atomic_write_dir, atomic_write_files, atomic_write_text, create_parent_folders,
                     prepare_output_dir, prepare_output_file)
 from .finetune import DEMO_DATA, DataSpec, finetune, is_main_process
@@ -170,11 +170,12 @@ def generate(args: argparse.Namespace) -> None:
                              f"adapter is given; pass --adapter NAME=PATH for each adapter the lines name")
         model, tokenizer = _model_with_adapter(args, adapter=(args.adapter or [None])[0])
         prefix = _adapter_prefix(model, (args.adapter or [None])[0])
+        _positions_needed(args, lines, [None] * len(lines), model, tokenizer, {None: prefix})
         outputs = generate_text(model, tokenizer, prompts, prefix=prefix, **_generation_kwargs(args))
         records = [{"prompt": p, "output": o} for p, o in zip(prompts, outputs)]
     else:
         chosen = _line_adapters(lines, named, args.data)
-        outputs = _generate_with_engine(args, named, prompts, chosen)
+        outputs = _generate_with_engine(args, named, lines, chosen)
         records = [{"prompt": p, "adapter": a, "output": o} for p, a, o in zip(prompts, chosen, outputs)]
     if args.out:
         create_parent_folders(args.out)  # only now: a command that fails leaves no empty folders behind
@@ -184,6 +185,31 @@ def generate(args: argparse.Namespace) -> None:
         for r in records:
             label = f"[{r['adapter'] or 'base'}] " if "adapter" in r else ""
             print(f">>> {label}{r['prompt']}\n{r['output']}\n")
+
+
+def _positions_needed(args: argparse.Namespace, lines: list[PromptLine], adapters: list[str | None], model,
+                      tokenizer, prefixes: dict) -> int:
+    """The positions the longest request takes: its prompt as encoded, its adapter's prefix
+    embeddings and --max-new-tokens less one (the last new token is never fed back). A request the
+    model has no room for is refused here, naming its line, before any generation."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    need = 0
+    for k, (line, adapter) in enumerate(zip(lines, adapters)):
+        prefix = prefixes.get(adapter)
+        n_prefix = 0 if prefix is None else prefix.n_prefix
+        n = len(encode_prompt(line.prompt, tokenizer, args.chat_template)) + n_prefix
+        total = n + args.max_new_tokens - 1
+        if limit is not None and total > limit:
+            where = f"--prompt #{k + 1}" if args.prompt else \
+                f"{args.data}, line {line.line}" if line.line else f"{args.data}, prompt {k + 1}"
+            with_prefix = f" (with adapter {adapter!r}'s {n_prefix} prefix embeddings)" if n_prefix else ""
+            advice = f"lower --max-new-tokens to {limit - n + 1} or less, or" if n <= limit else "the prompt alone " \
+                "is too long:"
+            raise ValueError(f"{where}: the prompt has {n} tokens{with_prefix}; with --max-new-tokens "
+                             f"{args.max_new_tokens} it needs {total} positions, over the model's {limit}: {advice} "
+                             f"shorten the prompt")
+        need = max(need, total)
+    return need
 
 
 def _named_adapters(specs: list[str]) -> dict[str, str] | None:
@@ -220,7 +246,7 @@ def _line_adapters(lines: list[PromptLine], named: dict[str, str], source: str |
     return chosen
 
 
-def _generate_with_engine(args: argparse.Namespace, named: dict[str, str], prompts: list[str],
+def _generate_with_engine(args: argparse.Namespace, named: dict[str, str], lines: list[PromptLine],
                           adapters: list[str | None]) -> list[str]:
     """Several adapters in one batched run: lorakit's serving engine (greedy decoding)."""
     refused = [flag for flag, on in (("--merge", args.merge), (f"--beams {args.beams}", args.beams != 1),
@@ -238,14 +264,17 @@ def _generate_with_engine(args: argparse.Namespace, named: dict[str, str], promp
         ranks.append(max([config.r, *config.rank_pattern.values()]))
     model, tokenizer = load_model(args.model, "causal")
     model.eval()
+    prefixes = {name: load_prefix(path, hidden_size=model_hidden_size(model)) for name, path in named.items()}
+    # The KV cache holds what the longest request needs (refused with its line if the model has no room).
+    need = _positions_needed(args, lines, adapters, model, tokenizer, prefixes)
     engine = Engine(model, tokenizer, max_batch=args.batch_size, max_adapters=len(named), max_rank=max(ranks),
-                    chat_template=args.chat_template)
+                    max_seq_len=max(need, 2), chat_template=args.chat_template)
     for name, path in named.items():
         engine.add_adapter(name, path)
         if name in engine.prefixes:
             print(f"{path}: using its {len(engine.prefixes[name])} prefix embeddings ({PREFIX_FILE}) in front of "
                   f"the prompts of adapter {name!r}", file=sys.stderr)
-    return engine.generate(prompts, adapters=adapters, max_new_tokens=args.max_new_tokens)
+    return engine.generate([line.prompt for line in lines], adapters=adapters, max_new_tokens=args.max_new_tokens)
 
 
 def eval(args: argparse.Namespace) -> None:  # noqa: A001 - the command's name

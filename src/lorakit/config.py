@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -58,6 +59,9 @@ class LoraConfig:
         rank_pattern / alpha_pattern: ``{regex: value}``; a module whose name ends with a match of
             the regex gets that rank / alpha instead of ``r`` / ``alpha`` (PEFT's semantics).
         layers_to_transform: adapt only blocks with these indices (``layers.N``, ``h.N``, ...).
+        layers_pattern: the name (or names) of the container whose index ``layers_to_transform``
+            means, as PEFT's field: ``"layer"`` picks ``layer.N`` in T5's ``block.1.layer.0...``;
+            None: the first of ``layers``, ``h``, ``block``, ``blocks``, ``layer`` in the name.
         bias: ``"none"``, ``"all"`` (every bias of the model trains) or ``"lora_only"`` (biases
             of adapted layers train).
         modules_to_save: modules trained in full beside the adapter (e.g. a classifier head);
@@ -86,6 +90,7 @@ class LoraConfig:
     rank_pattern: Mapping[str, int] = field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = field(default_factory=dict)
     layers_to_transform: Sequence[int] | None = None
+    layers_pattern: Sequence[str] | str | None = None
     bias: str = "none"
     modules_to_save: Sequence[str] | None = None
     fused_projections: Mapping[str, Sequence[bool]] = field(default_factory=dict)
@@ -94,8 +99,14 @@ class LoraConfig:
     use_dora: bool = False
 
     def __post_init__(self) -> None:
+        # One name or index stands for a list of one (PEFT takes an int layers_to_transform; a string
+        # modules_to_save would otherwise be read letter by letter).
+        if isinstance(self.modules_to_save, str):
+            object.__setattr__(self, "modules_to_save", (self.modules_to_save,))
+        if _is_int(self.layers_to_transform):
+            object.__setattr__(self, "layers_to_transform", (self.layers_to_transform,))
         # Lists become tuples so the frozen config is hashable and cannot change under a model.
-        for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_to_transform"):
+        for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_to_transform", "layers_pattern"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 object.__setattr__(self, name, tuple(value))
@@ -106,15 +117,31 @@ class LoraConfig:
         self._validate()
 
     def _validate(self) -> None:
-        if not isinstance(self.r, int) or self.r <= 0:
+        if not _is_int(self.r) or self.r <= 0:
             raise ConfigError(Setting("r"), f" must be a positive integer (the LoRA rank), got {self.r!r}")
-        if not math.isfinite(self.alpha) or self.alpha <= 0:
+        if not _is_real(self.alpha) or self.alpha <= 0:
             raise ConfigError(Setting("alpha"), f" must be a positive number, got {self.alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
+        if not _is_real(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ConfigError(Setting("dropout"), f" must be in [0, 1), got {self.dropout!r}")
         if not self.target_modules:
             raise ConfigError("target_modules is empty: name the modules to adapt, "
                               "e.g. ['q_proj', 'v_proj'] or 'all-linear'")
+        for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str) and not _is_names(value):
+                raise ConfigError(Setting(name), f" must be a list of module names (strings)"
+                                  f"{' or a regular expression' if name.endswith('_modules') else ''}, "
+                                  f"got {list(value)!r}")
+        layers = self.layers_to_transform
+        if layers is not None and (isinstance(layers, str) or not all(_is_int(i) and i >= 0 for i in layers)):
+            raise ConfigError(Setting("layers_to_transform"), f" must be a list of layer indices (integers >= 0), "
+                              f"got {layers!r}")
+        for flag in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(Setting(flag), f" must be True or False, got {getattr(self, flag)!r}")
+        for pattern, alpha in self.alpha_pattern.items():
+            if not _is_real(alpha) or alpha <= 0:
+                raise ConfigError(f"alpha_pattern[{pattern!r}] must be a positive number (as alpha), got {alpha!r}")
         if self.bias not in BIAS_MODES:
             raise ConfigError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
         if not isinstance(self.init, str) or not (self.init in INIT_MODES or _PISSA_NITER.fullmatch(self.init)):
@@ -126,7 +153,7 @@ class LoraConfig:
                               f"iterations of the randomized SVD and must be a positive integer, e.g. "
                               f"'pissa_niter_4' (or 'pissa' for the exact SVD)")
         for pattern, rank in self.rank_pattern.items():
-            if not isinstance(rank, int) or rank <= 0:
+            if not _is_int(rank) or rank <= 0:
                 raise ConfigError(f"rank_pattern[{pattern!r}] must be a positive integer, got {rank!r}")
         for pattern in [*self.rank_pattern, *self.alpha_pattern]:
             try:
@@ -151,6 +178,10 @@ class LoraConfig:
 
     def alpha_for(self, module_name: str) -> float:
         return _pattern_value(self.alpha_pattern, module_name, self.alpha)
+
+    def layer_index(self, module_name: str) -> int | None:
+        """The block index ``layers_to_transform`` refers to in ``module_name`` (see ``layer_index``)."""
+        return layer_index(module_name, self.layers_pattern)
 
     def fused_slices_for(self, module_name: str) -> tuple[bool, ...] | None:
         """The slice mask for a fused projection, or None for an ordinary layer."""
@@ -182,7 +213,8 @@ class LoraConfig:
             "rank_pattern": dict(self.rank_pattern),
             "alpha_pattern": dict(self.alpha_pattern),
             "layers_to_transform": list(self.layers_to_transform) if self.layers_to_transform else None,
-            "layers_pattern": None,
+            "layers_pattern": self.layers_pattern if isinstance(self.layers_pattern, (str, type(None)))
+            else list(self.layers_pattern),
             "bias": self.bias,
             "modules_to_save": list(self.modules_to_save) if self.modules_to_save else None,
             "fan_in_fan_out": fan_in_fan_out,
@@ -206,9 +238,6 @@ class LoraConfig:
         for flag in ("use_qalora", "use_bdlora", "lora_bias"):
             if d.get(flag):
                 raise ConfigError(f"{source}: {flag}=true is a LoRA variant lorakit does not implement")
-        if d.get("layers_pattern") and d.get("layers_pattern") not in (list(LAYER_CONTAINERS), *LAYER_CONTAINERS):
-            raise ConfigError(f"{source}: layers_pattern {d['layers_pattern']!r} is not supported; "
-                              f"lorakit finds layer indices under {LAYER_CONTAINERS}")
         targets = d.get("target_modules")
         if targets is None:
             raise ConfigError(f"{source}: target_modules is missing")
@@ -225,6 +254,7 @@ class LoraConfig:
                 rank_pattern=d.get("rank_pattern") or {},
                 alpha_pattern=d.get("alpha_pattern") or {},
                 layers_to_transform=layers,
+                layers_pattern=d.get("layers_pattern") or None,
                 bias=d.get("bias", "none"),
                 modules_to_save=d.get("modules_to_save"),
                 use_rslora=bool(d.get("use_rslora") or False),
@@ -241,6 +271,11 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+
+
+def _is_real(value: Any) -> bool:
+    """A finite real number of any numeric type (a numpy float too), but no bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _is_names(value: Any) -> bool:
@@ -301,10 +336,18 @@ def _pattern_value(patterns: Mapping[str, Any], module_name: str, default: Any) 
     return default
 
 
-def layer_index(module_name: str) -> int | None:
-    """The block index in a name like ``model.layers.3.mlp.up_proj`` (3), or None."""
-    m = _LAYER_INDEX.search(module_name)
-    return int(m.group(1)) if m else None
+def layer_index(module_name: str, layers_pattern: Sequence[str] | str | None = None) -> int | None:
+    """The block index in a name like ``model.layers.3.mlp.up_proj`` (3), or None. With
+    ``layers_pattern`` (PEFT's field), the index after the first of those container names (tried in
+    order, as PEFT does: ``"layer"`` gives 0 in ``block.1.layer.0.SelfAttention.q``)."""
+    if not layers_pattern:
+        m = _LAYER_INDEX.search(module_name)
+        return int(m.group(1)) if m else None
+    for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+        m = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)(?:\.|$)", module_name)
+        if m:
+            return int(m.group(1))
+    return None
 
 
 def name_matches(module_name: str, names: Sequence[str] | str) -> bool:

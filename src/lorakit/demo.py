@@ -19,7 +19,7 @@ SHOW = 3          # examples printed before/after
 SCORE = 24        # held-out examples scored for format and exact match
 
 
-def run_demo(out_dir: str = "runs/demo", steps: int = 120, batch_size: int = 8, lr: float = 1e-3,
+def run_demo(out_dir: str = "runs/demo", steps: int = 60, batch_size: int = 8, lr: float = 1e-3,
              rank: int = 8, seed: int = 0, device: str = "auto") -> dict[str, float]:
     start = time.perf_counter()
     print("lorakit demo: LoRA on SmolLM2-135M-Instruct, teaching it a house style it does not know.\n"
@@ -30,6 +30,8 @@ def run_demo(out_dir: str = "runs/demo", steps: int = 120, batch_size: int = 8, 
     prompts = [ex.prompt for ex in held_out]
     targets = [ex.completion for ex in held_out]
 
+    print(f"the untrained model answers the {len(prompts)} held-out records first (the 'before'), then it trains",
+          flush=True)
     before = _answers(model, tokenizer, prompts)
     lora = LoraConfig(r=rank, alpha=2 * rank, dropout=0.0, target_modules="all-linear")
     config = TrainConfig(lr=lr, max_steps=steps, warmup_steps=steps // 10, batch_size=batch_size,
@@ -40,7 +42,7 @@ def run_demo(out_dir: str = "runs/demo", steps: int = 120, batch_size: int = 8, 
 
     for i in range(SHOW):
         print(f"\n--- held-out example {i + 1} ---\n{prompts[i]}\n"
-              f"  expected: {targets[i]}\n  before:   {_one_line(before[i])}\n  after:    {after[i]}")
+              f"  expected: {targets[i]}\n  before:   {_one_line(before[i])}\n  after:    {_one_line(after[i])}")
     scores = {
         "format_before": _rate(before, lambda a, t: bool(LINE_PATTERN.match(a)), targets),
         "format_after": _rate(after, lambda a, t: bool(LINE_PATTERN.match(a)), targets),

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping, Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
-from .config import ALL_LINEAR, ConfigError, LoraConfig, init_from_weight, layer_index, name_matches
+from .checks import check_ranks, tied_weight_refusal
+from .config import ALL_LINEAR, ConfigError, LoraConfig, init_from_weight, name_matches
 from .hints import Setting
-from .layers import (LoraLayer, LoraSlicedLinear, TrainableCopy, is_linear_family, kind_of, lora_class_for, refusal,
+from .layers import (LoraLayer, MergeError, TrainableCopy, is_linear_family, kind_of, lora_class_for, refusal,
                      registered_kinds)
 from .layers.quantized import LoraQuantizedLinear, is_quantized_layer, keep_packed_layout
 from .layers import swiglu
@@ -89,7 +89,7 @@ def find_targets(model: nn.Module, config: LoraConfig, *,
     head = _output_head(model)
     saved = config.modules_to_save or ()
     all_linear = config.target_modules == ALL_LINEAR
-    targets, bypassed = [], []
+    targets, bypassed, copied = [], [], []
     for name, module in walk(model):
         base = _base_of(module)
         if all_linear:
@@ -99,9 +99,12 @@ def find_targets(model: nn.Module, config: LoraConfig, *,
                 continue
         elif not name_matches(name, config.target_modules):
             continue
+        if saved and name_matches(name, saved) and not isinstance(module, LoraLayer):
+            copied.append(name)  # PEFT's rule: the full copy replaces the module, so LoRA there would be lost
+            continue
         if config.exclude_modules and name_matches(name, config.exclude_modules):
             continue
-        if config.layers_to_transform is not None and layer_index(name) not in config.layers_to_transform:
+        if config.layers_to_transform is not None and config.layer_index(name) not in config.layers_to_transform:
             continue
         if isinstance(module, TrainableCopy):
             raise ConfigError(Setting("target_modules"), f" matches {name!r}, which an adapter on this model trains "
@@ -124,6 +127,9 @@ def find_targets(model: nn.Module, config: LoraConfig, *,
             raise ConfigError(f"fused_projections names {name!r}, a {kind.name}; only {sliceable} can be "
                               f"adapted by slices")
         targets.append((name, module))
+    if copied:
+        warnings.warn(f"target_modules selects {copied[:3]}{' ...' if len(copied) > 3 else ''}, which modules_to_save "
+                      f"also names: they are trained as full copies and get no LoRA (as in PEFT)", stacklevel=3)
     if bypassed:
         warnings.warn(f'target_modules="all-linear" leaves out {bypassed[:3]}{" ..." if len(bypassed) > 3 else ""}: '
                       f"their parent reads their weight directly and never calls their forward, so LoRA "
@@ -135,7 +141,7 @@ def find_targets(model: nn.Module, config: LoraConfig, *,
                           f"modules it could adapt: {candidate_names(model)}",
                           *([". (", Setting("missing_targets", "drop"), " would not help: it leaves out the names "
                              "that match no module, and at least one has to match)"] if listed else []))
-    unused = unmatched_targets(config, targets)
+    unused = [t for t in unmatched_targets(config, targets) if not any(name_matches(n, [t]) for n in copied)]
     if unused and missing_targets == "error":
         raise ConfigError(Setting("target_modules"), f" entries {unused} match no module of this "
                           f"{type(model).__name__}; modules it could adapt: {candidate_names(model)}. To adapt "
@@ -240,43 +246,6 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default", *,
     return model
 
 
-def delta_shape(layer: LoraLayer) -> tuple[int, int]:
-    """(d_out, d_in) of one adapter's ΔW = B·A at ``layer``: a slice of a fused projection for a
-    sliced layer, (out_channels, in_channels·kernel) for a convolution, (dim, vocab) for an embedding."""
-    if isinstance(layer, LoraSlicedLinear):
-        return layer.slice_size, layer.in_features
-    shape_a, shape_b = layer.adapter_shapes(1)  # A (1, *d_in), B (d_out, 1, ...)
-    return shape_b[0], math.prod(shape_a[1:])
-
-
-def check_ranks(config: LoraConfig, layers: Mapping[str, LoraLayer]) -> None:
-    """Refuse a rank above min(d_out, d_in) at any of ``layers`` (module name -> layer).
-
-    ΔW = B·A has rank at most min(d_out, d_in) whatever r is (the paper's r ≪ min(d, k), §4.1), so
-    a larger r adds only parameters, gradients and optimizer state: --rank 100000 on SmolLM2's q, v
-    is ~23 GB of float32 factors, four times that with gradients and AdamW. PEFT accepts it for
-    plain LoRA (only its MiCA and KaSA variants refuse), but no variant here gains from it: DoRA's
-    magnitude is apart from r, and PiSSA/OLoRA take at most min(d_out, d_in) directions
-    (`weight_init.check_rank`). So the limit is min, not max(d_out, d_in). Ranks above it do
-    legitimately arise from factors made elsewhere, never from a choice of r: a PiSSA/OLoRA adapter
-    saved as plain LoRA has rank 2r, combine's "cat" Σ rᵢ, and PEFT writes any r; those come in
-    with ``inject(check_rank=False)``."""
-    over = []  # (module name, its rank, (d_out, d_in)), the tightest first
-    for module_name, layer in layers.items():
-        rank, shape = config.rank_for(module_name), delta_shape(layer)
-        if rank > min(shape):
-            over.append((module_name, rank, shape))
-    if not over:
-        return
-    over.sort(key=lambda o: min(o[2]))
-    module_name, rank, (d_out, d_in) = over[0]
-    more = f" (and {len(over) - 1} more target(s))" if len(over) > 1 else ""
-    chosen: list[str | Setting] = [Setting("r", rank), " is"] if rank == config.r else \
-        [f"rank_pattern gives {module_name} rank {rank}, which is"]
-    raise ConfigError(*chosen, f" more than ΔW = B·A can use at {module_name}{more}: ΔW there is ({d_out}, {d_in}), "
-                      f"so its rank is at most {min(d_out, d_in)} whatever the adapter's rank, and a larger one only "
-                      f"costs memory. Give at most {min(d_out, d_in)}, or leave such modules out of ",
-                      Setting("target_modules"))
 
 
 def variant_name(config: LoraConfig) -> str:
@@ -296,9 +265,19 @@ def _find_saved(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Modu
     found = [(n, m) for n, m in walk(model) if name_matches(n, config.modules_to_save)
              and not isinstance(m, LoraLayer)]
     missing = [s for s in config.modules_to_save if not any(name_matches(n, [s]) for n, _ in found)]
+    adapted = [n for n, m in lora_modules(model) if isinstance(m, LoraLayer) and name_matches(n, missing)]
+    if adapted:
+        raise ConfigError(Setting("modules_to_save"), f" names {adapted[:3]}{' ...' if len(adapted) > 3 else ''}, "
+                          f"which carries LoRA adapters ({', '.join(map(repr, _base_names(model, adapted[0])))}) "
+                          f"and cannot also be trained as a full copy; leave it out of modules_to_save, or delete "
+                          f"those adapters first")
     if missing:
         raise ConfigError(f"modules_to_save entries {missing} match no module of this {type(model).__name__}")
     return found
+
+
+def _base_names(model: nn.Module, module_name: str) -> list[str]:
+    return model.get_submodule(module_name).adapter_names
 
 
 def _wrap(model: nn.Module, module_name: str, module: nn.Module, config: LoraConfig) -> LoraLayer:
@@ -385,6 +364,11 @@ def unload(model: nn.Module, merge: bool = True, *, dense_dtype: torch.dtype | N
     float32 if it has none); with ``merge=False`` it is put back as it was, packed bytes untouched.
     """
     state = lora_state(model)
+    if merge:
+        why = tied_weight_refusal(model, [(m, [a for a in m.active_adapters if a not in m.merged_adapters])
+                                          for _, m in lora_modules(model) if isinstance(m, LoraLayer)])
+        if why is not None:
+            raise MergeError(why)
     if merge and dense_dtype is None and any(isinstance(m, LoraQuantizedLinear) for _, m in lora_modules(model)):
         dense_dtype = _unquantized_dtype(model)
     swiglu.remove(model)
@@ -407,6 +391,7 @@ def unload(model: nn.Module, merge: bool = True, *, dense_dtype: torch.dtype | N
     _restore_requires_grad(model, state)
     del model.__dict__["lora_state"]
     return model
+
 
 
 def _unquantized_dtype(model: nn.Module) -> torch.dtype:

@@ -74,7 +74,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         # PEFT refuses layers_to_transform beside a regex (or "all-linear"): name the modules instead.
         peft_json["target_modules"] = [n for n, m in lora_modules(model)
                                        if isinstance(m, LoraLayer) and name in m.lora_A]
-        peft_json["layers_to_transform"] = None
+        peft_json["layers_to_transform"] = peft_json["layers_pattern"] = None
     sliced = [(n, m) for n, m in lora_modules(model) if isinstance(m, LoraSlicedLinear) and name in m.lora_A]
     for module_name, layer in sliced:
         # PEFT has no slices: it sees rank n_a·r over the whole output, so α is scaled to keep s.
@@ -216,7 +216,7 @@ def _check_same_config(from_json: LoraConfig, own: LoraConfig, config_file: Path
         for name in ("modules_to_save", "layers_to_transform"):
             d[name] = d[name] or None  # the JSON writes an empty list as null
         if isinstance(own.target_modules, str) and own.layers_to_transform is not None:
-            del d["target_modules"], d["layers_to_transform"]  # save_adapter wrote the module names
+            del d["target_modules"], d["layers_to_transform"], d["layers_pattern"]  # save_adapter wrote the names
         return d
     json_fields, own_fields = fields(from_json), fields(own)
     if own.fused_projections:  # rank/alpha patterns of the sliced modules come on top of the user's
@@ -241,6 +241,18 @@ class CheckedAdapter:
     # kind "lora" (A or B of a layer), "saved" (a modules_to_save copy) or "base" (a base tensor)
 
 
+def _another_model(model: nn.Module, config: LoraConfig, config_file: Path) -> str:
+    """The message for an adapter none of whose target_modules names a module of ``model``."""
+    try:
+        base = json.loads(config_file.read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        base = None
+    made_for = f" ({base!r}, says its base_model_name_or_path)" if base else ""
+    targets = config.target_modules if isinstance(config.target_modules, str) else list(config.target_modules)
+    return (f"{config_file}: the adapter's target_modules {targets!r} match no module of this "
+            f"{type(model).__name__}: it was made for another base model{made_for}; load it on that model")
+
+
 def check_adapter(model: nn.Module, path: str | os.PathLike) -> CheckedAdapter:
     """Read adapter ``path`` and check every key and shape against ``model``; changes nothing.
 
@@ -255,6 +267,8 @@ def check_adapter(model: nn.Module, path: str | os.PathLike) -> CheckedAdapter:
         saved = dict(_find_saved(model, config))
         probes = {n: _probe(n, m, config) for n, m in targets.items()}
     except (ConfigError, ValueError, TypeError) as e:
+        if not any(name_matches(n, config.target_modules) for n, _ in model.named_modules() if n):
+            raise AdapterFileError(_another_model(model, config, config_file)) from None
         raise AdapterFileError(f"{config_file} does not fit this {type(model).__name__}: {e}") from None
     plan = _plan(model, config, tensors, probes, saved, weights_file)
     return CheckedAdapter(config, config_file, weights_file, probes, plan)
@@ -372,6 +386,11 @@ def _plan(model, config, tensors, probes, saved, weights_file) -> dict:
             if param.startswith("original_module."):
                 continue  # PEFT also writes the frozen original; it is the base model's own
             target = _tensor(_base_of(saved[owner_name]), param)
+            adapter, _, nested = param.partition(".")
+            if target is None and rest.startswith(f"{owner_name}.modules_to_save.{adapter}.") and nested:
+                # PEFT takes its adapter name out of a key only before the last component: bias="all" writes
+                # the trained copy's nested biases as modules_to_save.<adapter name>.dense.bias (RoBERTa's head)
+                param, target = nested, _tensor(_base_of(saved[owner_name]), nested)
             if target is None:
                 raise AdapterFileError(f"{weights_file}: {key}: {owner_name} has no parameter {param!r}")
             _check_shape(weights_file, key, owner_name, model, value, tuple(target.shape))

@@ -19,6 +19,10 @@ def render_markdown(report: dict) -> str:
         lines += ["", f"Base model: `{report['model']}`."]
     lines += ["", f"{len(layers)} layer(s) analysed" + (" (adapted by both)." if len(adapters) == 2 else ".")]
     for a in adapters:
+        if a.get("use_dora"):
+            lines.append(f"- `{a['label']}` is a DoRA adapter: ΔW here is s·B·A, the update of the direction; "
+                         "its magnitude vectors (`lora_magnitude_vector`) rescale each output row of the merged "
+                         "weight as well, so the merged weight changes by more than ΔW.")
         if a["ignored_tensors"]:
             lines.append(f"- `{a['label']}`: {len(a['ignored_tensors'])} tensor(s) that are not LoRA factors "
                          f"(biases, modules_to_save) are not analysed.")
@@ -37,7 +41,8 @@ def render_markdown(report: dict) -> str:
     if len(adapters) == 2 and layers:
         lines += ["", "## Subspace similarity (§7.2)", "",
                   f"φ between `{adapters[0]['label']}` (i) and `{adapters[1]['label']}` (j); k = the smaller "
-                  f"rank; chance = the expected φ(k, k) of random subspaces.", ""]
+                  f"rank; chance = the expected φ(k, k) of random subspaces; n/a where k exceeds a factor's "
+                  f"numerical rank (a B still at its zero init has no directions to compare).", ""]
         lines += _table(["layer", "k", "φ_A(1,1)", "φ_A(k,k)", "chance_A(k,k)", "φ_B(1,1)", "φ_B(k,k)",
                          "chance_B(k,k)"],
                         [[f"`{layer['name']}`", str(s["k"]), _num(s["A_top1"], 3), _num(s["A_full"], 3),

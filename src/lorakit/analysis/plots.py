@@ -54,20 +54,25 @@ def write_figures(report: dict, out_dir: str | os.PathLike) -> list[str]:
 
 
 def _subspace_figure(layers: Sequence[dict], factor: str, group: str, labels: Sequence[str]):
-    fig, axes = _grid_figure(len(layers), cell=(2.4, 2.2), colorbar=True)
+    from matplotlib import colormaps
+
+    grids = [[[_finite(v) for v in row] for row in layer["subspace"][factor]] for layer in layers]
+    undefined = any(math.isnan(v) for phi in grids for row in phi for v in row)
+    fig, axes = _grid_figure(len(layers), cell=(2.4, 2.2), colorbar=True, top=0.8 if undefined else 0.6)
+    cmap = colormaps["viridis"].with_extremes(bad="lightgrey")  # nan: past a factor's rank, undefined
     image = None
-    for n, (ax, layer) in enumerate(zip(axes, layers)):
-        phi = layer["subspace"][factor]
+    for n, (ax, layer, phi) in enumerate(zip(axes, layers, grids)):
         r1, r2 = len(phi), len(phi[0])
         # extent puts i = 1..r1 down the rows and j = 1..r2 along the columns, as in the paper
-        image = ax.imshow(phi, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto", interpolation="nearest",
+        image = ax.imshow(phi, vmin=0.0, vmax=1.0, cmap=cmap, aspect="auto", interpolation="nearest",
                           extent=(0.5, r2 + 0.5, r1 + 0.5, 0.5))
         ax.set_title(_short(layer), fontsize=8)
         _outer_labels(ax, n, len(layers), f"j ({labels[1]})", f"i ({labels[0]})")
         _integer_ticks(ax, "x", "y")
         ax.tick_params(labelsize=6)
     singular = "right" if factor == "A" else "left"
-    fig.suptitle(f"φ(i, j) of {factor} ({singular}-singular vectors), {group}", fontsize=9)
+    grey = "\ngrey: undefined, i or j past that factor's rank (e.g. B still zero)" if undefined else ""
+    fig.suptitle(f"φ(i, j) of {factor} ({singular}-singular vectors), {group}{grey}", fontsize=9)
     if image is not None:
         fig.colorbar(image, cax=fig.axes[-1], label="φ")
     return fig
@@ -87,16 +92,23 @@ def _spectra_figure(layers: Sequence[dict], group: str, labels: Sequence[str]):
     low, high = (min(numbers), max(numbers)) if numbers else (0, 0)
     norm = Normalize(low - 0.5, high + 0.5) if low == high else Normalize(low, high)
     for k, (ax, label) in enumerate(zip(axes, labels)):
+        drawn = False
         for number, layer in zip(numbers, layers):
             s = [v for v in layer["adapters"][k]["singular_values"] if v > 0]
             if s:
                 ax.semilogy(range(1, len(s) + 1), s, "o-", markersize=2, linewidth=0.8, color=cmap(norm(number)))
+                drawn = True
+        if not drawn:  # a log axis cannot show σ = 0: say so rather than leave a blank panel
+            ax.text(0.5, 0.5, "ΔW = 0 in every layer here\n(B still at its zero init?)", transform=ax.transAxes,
+                    ha="center", va="center", fontsize=8)
+            ax.set_yscale("log")
         ax.set_title(label, fontsize=8)
         ax.set_xlabel("k", fontsize=7)
         ax.set_ylabel("σ_k(ΔW)", fontsize=7)
         _integer_ticks(ax, "x")
         ax.tick_params(which="both", labelsize=7)
         ax.grid(alpha=0.3)
+    _share_y(axes)
     if several:
         bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=fig.axes[-1])
         bar.set_label("layer" if any(layer.get("index") is not None for layer in layers) else "position",
@@ -109,49 +121,68 @@ def _spectra_figure(layers: Sequence[dict], group: str, labels: Sequence[str]):
 
 
 def _amplification_figure(layers: Sequence[dict], labels: Sequence[str]):
-    """Bars of the amplification factor per layer and adapter over the projections it is made of;
-    legends sit right of the axes, so they never cover a bar or a line."""
+    """Bars of the amplification factor per layer and adapter, then, for each adapter, the
+    projections it is made of (each adapter has its own U, V and its own r); legends sit right of
+    the axes, so they never cover a bar or a line."""
     from matplotlib.figure import Figure
 
     left, right, top, bottom = 0.9, 1.7, 0.45, 1.1  # inches; right holds the legends
-    width_in, height_in = max(7.0, 0.3 * len(layers) + left + right), 7.0
+    panel = 3.0
+    width_in, height_in = max(7.0, 0.3 * len(layers) + left + right), panel * (1 + len(labels)) + top + bottom
     fig = Figure(figsize=(width_in, height_in), dpi=100)
-    upper, lower = fig.subplots(2, 1, sharex=True, gridspec_kw=dict(
+    upper, *lowers = fig.subplots(1 + len(labels), 1, sharex=True, gridspec_kw=dict(
         left=left / width_in, right=1 - right / width_in, top=1 - top / height_in, bottom=bottom / height_in,
-        hspace=0.12))
+        hspace=0.25))
     x = list(range(len(layers)))
     width = 0.8 / len(labels)
     for k, label in enumerate(labels):
         values = [_finite(layer["adapters"][k]["amplification"]["amplification"]) for layer in layers]
-        upper.bar([i + (k - (len(labels) - 1) / 2) * width for i in x], values, width, label=label)
+        none = all(math.isnan(v) for v in values)  # ΔW = 0 everywhere: no bar to draw, say why
+        upper.bar([i + (k - (len(labels) - 1) / 2) * width for i in x], values, width,
+                  label=f"{label} (n/a: ΔW = 0)" if none else label)
     upper.set_ylabel("‖ΔW‖_F / ‖UᵀWV‖_F", fontsize=9)
     upper.set_title("amplification factor (Hu et al. 2021, Table 7)", fontsize=10)
     upper.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, title="adapter",
                  title_fontsize=8)
     upper.grid(axis="y", alpha=0.3)
-    rows = [layer["adapters"][0]["amplification"] for layer in layers]
-    for key, label, style in (("projected_norm", "U, V of ΔW", "o-"), ("w_projected_norm", "top-r of W", "s-"),
-                              ("random_projected_norm", "random", "^-"), ("w_norm", "‖W‖_F itself", ":")):
-        lower.semilogy(x, [_finite(row[key], floor=True) for row in rows], style, markersize=3, label=label)
-    lower.set_ylabel(f"‖UᵀWV‖_F of {labels[0]}", fontsize=9)
-    lower.set_xticks(x, [_short(layer, module=True) for layer in layers], rotation=90, fontsize=8)
-    lower.set_xlabel("layer.module", fontsize=9)
-    lower.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    lower.grid(alpha=0.3)
-    for ax in (upper, lower):
+    for k, (lower, label) in enumerate(zip(lowers, labels)):
+        rows = [layer["adapters"][k]["amplification"] for layer in layers]
+        for key, name, style in (("projected_norm", "U, V of ΔW", "o-"), ("w_projected_norm", "top-r of W", "s-"),
+                                 ("random_projected_norm", "random", "^-"), ("w_norm", "‖W‖_F itself", ":")):
+            lower.semilogy(x, [_finite(row[key], floor=True) for row in rows], style, markersize=3, label=name)
+        if not any(row["r"] for row in rows):
+            lower.text(0.5, 0.5, "ΔW = 0 in every layer: no directions to project W onto", transform=lower.transAxes,
+                       ha="center", va="center", fontsize=8)
+        lower.set_ylabel("‖UᵀWV‖_F", fontsize=9)
+        lower.set_title(f"projections of W onto r directions: {label}", fontsize=9)
+        lower.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        lower.grid(alpha=0.3)
+    lowers[-1].set_xticks(x, [_short(layer, module=True) for layer in layers], rotation=90, fontsize=8)
+    lowers[-1].set_xlabel("layer.module", fontsize=9)
+    _share_y(lowers)
+    for ax in (upper, *lowers):
         ax.tick_params(axis="y", which="both", labelsize=8)
         ax.set_xlim(-0.6, len(layers) - 0.4)
     return fig
 
 
-def _grid_figure(n: int, cell: tuple[float, float], colorbar: bool = False, left: float = 0.6):
+def _share_y(axes) -> None:
+    """One y range for every panel that has lines, so adapters side by side compare by eye."""
+    ranges = [ax.get_ylim() for ax in axes if ax.get_lines()]
+    if len(ranges) > 1:
+        low, high = min(r[0] for r in ranges), max(r[1] for r in ranges)
+        for ax in axes:
+            ax.set_ylim(low, high)
+
+
+def _grid_figure(n: int, cell: tuple[float, float], colorbar: bool = False, left: float = 0.6, top: float = 0.6):
     """A grid of n axes, at most _MAX_COLS wide, with fixed margins in inches (a constrained layout
     costs seconds per figure at 30 panels); with ``colorbar``, its axes is ``fig.axes[-1]``."""
     from matplotlib.figure import Figure
 
     cols = min(n, _MAX_COLS)
     rows = math.ceil(n / cols)
-    right, top, bottom = 0.3 + (0.9 if colorbar else 0.0), 0.6, 0.5  # inches, as `left`
+    right, bottom = 0.3 + (0.9 if colorbar else 0.0), 0.5  # inches, as `left` and `top`
     width, height = cell[0] * cols + left + right, cell[1] * rows + top + bottom
     fig = Figure(figsize=(width, height), dpi=100)
     axes = fig.subplots(rows, cols, squeeze=False, gridspec_kw=dict(

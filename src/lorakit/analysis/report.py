@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 from typing import Sequence
 
+import torch
 from torch import nn
 
 from ..config import layer_index
@@ -23,7 +24,7 @@ from .amplification import amplification
 from .delta import AdapterDeltas, common_layers, base_weights, read_adapter_deltas
 from .markdown import render_markdown
 from .plots import group_of, write_figures
-from .spectrum import spectrum_summary
+from .spectrum import numerical_rank, spectrum_summary
 from .subspace import chance_similarity, column_subspace_similarity, subspace_similarity
 
 __all__ = ["analyze_adapters", "write_report"]
@@ -68,7 +69,9 @@ DEFINITIONS = {
     "stable_rank": "Σσ² / σ_max²",
     "numerical_rank": "number of σ_k > max(d_out, d_in)·eps·σ_max, eps of the stored dtype",
     "phi": "φ(i, j) = ‖U_iᵀU_j‖_F² / min(i, j), U_i the top-i right-singular vectors of A (left-singular "
-           "of B) of the first adapter, U_j the top-j of the second (Hu et al. 2021, §7.2); entry [i-1][j-1]",
+           "of B) of the first adapter, U_j the top-j of the second (Hu et al. 2021, §7.2); entry [i-1][j-1]; "
+           "null where i or j exceeds that factor's numerical rank (e.g. a B still at its zero init), since its "
+           "singular directions there are arbitrary",
     "chance": "expected φ for random subspaces: max(i, j) / d",
     "amplification": "‖ΔW‖_F / ‖UᵀWV‖_F, U, V the top-r singular vectors of ΔW, r its numerical rank; "
                      "w_projected_norm uses W's own top-r, random_projected_norm seeded random orthonormal "
@@ -89,7 +92,10 @@ def _layer_entry(name: str, deltas, W, seed: int) -> dict:
         entry["adapters"].append(stats)
     if len(deltas) == 2:
         d1, d2 = deltas
-        phi_a, phi_b = subspace_similarity(d1.A, d2.A), column_subspace_similarity(d1.B, d2.B)
+        # Singular directions past a factor's rank are arbitrary (a B still at its zero init has no
+        # directions at all), so φ there is noise that would read as a finding: nan (JSON null) instead.
+        phi_a = _defined(subspace_similarity(d1.A, d2.A), _rank(d1.A, d1), _rank(d2.A, d2))
+        phi_b = _defined(column_subspace_similarity(d1.B, d2.B), _rank(d1.B, d1), _rank(d2.B, d2))
         k = min(d1.A.shape[0], d2.A.shape[0])
         d_out, d_in = first.shape
         entry["subspace"] = {
@@ -102,10 +108,24 @@ def _layer_entry(name: str, deltas, W, seed: int) -> dict:
     return entry
 
 
+def _rank(factor, delta) -> int:
+    """The numerical rank of one LoRA factor, with the eps of the dtype it was stored in."""
+    return numerical_rank(torch.linalg.svdvals(factor), tuple(factor.shape), delta.stored_dtype)
+
+
+def _defined(phi: torch.Tensor, rank1: int, rank2: int) -> torch.Tensor:
+    """φ(i, j) where both subspaces exist (i ≤ rank1, j ≤ rank2); nan elsewhere."""
+    phi = phi.clone()
+    phi[rank1:, :] = math.nan
+    phi[:, rank2:] = math.nan
+    return phi
+
+
 def _adapter_entry(a: AdapterDeltas, label: str) -> dict:
     c = a.config
     targets = c.target_modules if isinstance(c.target_modules, str) else list(c.target_modules)
     return {"path": a.path, "label": label, "r": c.r, "alpha": c.alpha, "use_rslora": c.use_rslora,
+            "use_dora": c.use_dora,
             "rank_pattern": dict(c.rank_pattern), "alpha_pattern": dict(c.alpha_pattern),
             "target_modules": targets, "layers": len(a.layers), "ignored_tensors": list(a.ignored)}
 
@@ -119,12 +139,27 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    earlier = _earlier_figures(out / REPORT_JSON)
     figures = write_figures(report, out)
     report = {**report, "figures": figures}
     md, js = out / REPORT_MD, out / REPORT_JSON
     atomic_write_text(md, render_markdown(report))
     atomic_write_text(js, json.dumps(_json_safe(report), indent=1, allow_nan=False) + "\n")
+    # An earlier report's figures that this one does not make (a second adapter, a model) would sit
+    # beside it looking current; only files that report.json listed go, nothing else in the folder.
+    for name in earlier - set(figures):
+        (out / name).unlink(missing_ok=True)
     return {"json": js, "markdown": md, "figures": [out / f for f in figures]}
+
+
+def _earlier_figures(path: Path) -> set[str]:
+    """The figure files that the report.json at ``path`` lists (plain PNG names in its folder)."""
+    try:
+        listed = json.loads(path.read_text(encoding="utf-8")).get("figures", [])
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {name for name in listed if isinstance(name, str) and name.endswith(".png")
+            and Path(name).name == name and not name.startswith(".")}
 
 
 def _json_safe(value):
@@ -157,4 +192,5 @@ def _labels(paths: Sequence[str]) -> list[str]:
         labels = ["/".join(p[-depth:]) for p in parts]
         if len(set(labels)) == len(labels):
             return labels
-    return [f"{i + 1}: {label}" for i, label in enumerate(labels)]
+    # The same folder twice: its name, numbered (the full path is in the report's table).
+    return [f"{i + 1}: {p[-1]}" for i, p in enumerate(parts)]

@@ -144,6 +144,17 @@ class LoraLayer(nn.Module):
     def base_weight(self) -> torch.Tensor:
         return self.base_layer.weight
 
+    # Model code reads an adapted module's weight and bias as it would the plain layer's: T5's
+    # feed-forward casts to `self.wo.weight.dtype`, `get_input_embeddings().weight` feeds tying and
+    # resizing. They are the base layer's (read-only here; the adapter's own tensors are lora_A/B).
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
     def as_dense(self, weight: torch.Tensor) -> torch.Tensor:
         """A weight in the base layer's layout as the (d_out, d_in) matrix of eq. 3 (a view)."""
         return weight
