@@ -323,3 +323,30 @@ def test_a_missing_data_file_is_named_without_errno(command, tmp_path, capsys):
     assert main([command, "--model", "default", "--data", str(missing)]) == 2
     err = capsys.readouterr().err
     assert f"error: {missing}: no such file or folder" in err and "Errno" not in err
+
+
+def test_lorakits_warnings_print_as_one_line_and_others_keep_their_form(monkeypatch):
+    import warnings
+
+    shown = []
+
+    def train(args):  # how a warning would print while the command runs
+        shown.append(warnings.formatwarning("the schedule changes", UserWarning, lorakit.commands.__file__, 1))
+        shown.append(warnings.formatwarning("from elsewhere", UserWarning, "/elsewhere/module.py", 7))
+
+    before = warnings.formatwarning
+    monkeypatch.setattr(lorakit.commands, "train", train)
+    assert main(["train"]) == 0
+    assert shown[0] == "lorakit train: warning: the schedule changes\n"
+    assert shown[1].startswith("/elsewhere/module.py:7: UserWarning: from elsewhere")
+    assert warnings.formatwarning is before  # put back for whoever runs next in this process
+
+
+def test_ctrl_c_in_train_says_how_to_continue(monkeypatch, capsys):
+    def train(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lorakit.commands, "train", train)
+    assert main(["train"]) == 130
+    assert "interrupted; the run continues from its last checkpoint with the same command and --resume" in \
+        capsys.readouterr().err

@@ -13,6 +13,7 @@ import argparse
 import errno
 import os
 import sys
+from typing import Callable
 
 from .cli_values import config_defaults, device_name, non_negative_int, positive_int
 
@@ -371,6 +372,17 @@ def main(argv: list[str] | None = None) -> int:
         args = parse(argv)
     except SystemExit as e:  # argparse printed the usage and the error (or the help): its status is ours
         return e.code if isinstance(e.code, int) else 0
+    import warnings
+
+    python_form = _format_own_warnings(args.command)
+    try:
+        return _run(args)
+    finally:
+        warnings.formatwarning = python_form  # main may run again in this process (tests)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command, with its errors as one line each (exit status 2) and Ctrl-C as 130."""
     from . import commands  # heavy imports (torch, transformers) only after parsing
     from .models import quiet_transformers
 
@@ -378,7 +390,9 @@ def main(argv: list[str] | None = None) -> int:
         with quiet_transformers():  # no "Loading weights" bars or load reports: lorakit says what matters
             return getattr(commands, args.command)(args) or 0
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        resume = "; the run continues from its last checkpoint with the same command and --resume" \
+            if args.command == "train" else ""
+        print(f"interrupted{resume}", file=sys.stderr)
         return 130
     except FileNotFoundError as e:  # the system's (errno set) says which path; ours say more
         if os.environ.get("LORAKIT_DEBUG"):
@@ -398,6 +412,23 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"lorakit {args.command}: error: {_os_error_message(e)}", file=sys.stderr)
         return 2
+
+
+def _format_own_warnings(command: str) -> Callable:
+    """lorakit's own warnings as one line, `lorakit train: warning: ...`, not Python's form with a
+    source file and line; other packages' warnings keep theirs. Returns the formatter it replaced."""
+    import warnings
+
+    package = os.path.dirname(os.path.abspath(__file__))
+    python_form = warnings.formatwarning
+
+    def formatted(message, category, filename, lineno, line=None):
+        if os.path.abspath(filename).startswith(package + os.sep) and issubclass(category, UserWarning):
+            return f"lorakit {command}: warning: {message}\n"
+        return python_form(message, category, filename, lineno, line)
+
+    warnings.formatwarning = formatted
+    return python_form
 
 
 _OS_ADVICE = {

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .config import LoraConfig
+from .config import LoraConfig, init_from_weight
 from .data import (Batches, ClassificationExample, Example, collate, demo_task, load_examples,
                    tokenize_classification, tokenize_example)
 from .hints import Setting, SettingError
@@ -97,6 +97,11 @@ def finetune(model_spec: str, data: DataSpec, lora: LoraConfig, config: TrainCon
                            f"inputs; task {task!r} is not supported: train it without ", Setting("n_prefix"))
     if n_prefix < 0:
         raise SettingError(Setting("n_prefix"), f" must be >= 0 (0: no prefix embeddings), got {n_prefix}")
+    if quantization is not None and init_from_weight(lora.init):  # before any loading or quantizing
+        raise SettingError(Setting("init", lora.init), " takes A and B from the base weights and writes W - s·B·A "
+                           "back into them, and a quantized base's packed weights are never rewritten: use ",
+                           Setting("init", "pissa"), " or ", Setting("init", "olora"), " without ",
+                           Setting("quantize"), ", or quantize with the default ", Setting("init", "kaiming"))
     train_ex, eval_ex, label_map = read_data(data, task)
     if model is None:
         model, tokenizer = load_model(model_spec, task, num_labels=max(label_map.values()) + 1 if label_map else 2,

@@ -158,7 +158,32 @@ def quantize_model(model: nn.Module, quantization: Quantization, *, skip: tuple[
             _replace(model, name, _quantized_linear(bnb, module, quantization, device))
             report.quantized.append(name)
     report.bytes_after = model_bytes(model)
+    if quantization.scheme == "int8" and report.quantized:
+        _say_int8_cast_once()
     return report
+
+
+class _OnceFilter(logging.Filter):
+    """Lets the first record of a message through and drops its repeats."""
+
+    def __init__(self, start: str) -> None:
+        super().__init__()
+        self.start, self.seen = start, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.start):
+            return True
+        seen, self.seen = self.seen, True
+        return not seen
+
+
+def _say_int8_cast_once() -> None:
+    """bitsandbytes' int8 matmul logs "inputs will be cast ... to float16" on every forward of every
+    layer whose input is not float16 (a float32 base: 14 layers x every step and eval), which buries the
+    run's own output; keep the first, which says it."""
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _OnceFilter) for f in logger.filters):
+        logger.addFilter(_OnceFilter("MatMul8bitLt: inputs will be cast"))
 
 
 def _quantized_linear(bnb, dense: nn.Linear, q: Quantization, device) -> nn.Module:

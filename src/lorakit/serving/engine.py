@@ -41,6 +41,7 @@ Not built yet: the Triton kernels, chunked prefill mixed into the decode forward
 
 from __future__ import annotations
 
+import operator
 import os
 from collections import deque
 from typing import Iterator, Sequence, Union
@@ -58,7 +59,8 @@ from .kv_cache import SlotCache
 from .layers import SlotRoute, install, uninstall, wrapped
 from .merging import MergedWeights
 from .reader import AdapterFactors, structure_copy
-from .request import MAX_TOP_LOGPROBS, Event, Request, prompt_kind, seeds_for, stop_strings, token_logprobs
+from .request import (MAX_TOP_LOGPROBS, Event, Request, check_seed, prompt_kind, seeds_for, stop_strings,
+                      token_logprobs)
 from .runner import Runner
 from .sampling import SamplingParams, next_tokens
 from .text import IncrementalText
@@ -108,6 +110,8 @@ class Engine:
         if max_prefill_tokens is not None and (not isinstance(max_prefill_tokens, int) or max_prefill_tokens < 1):
             raise ValueError(f"max_prefill_tokens must be a positive integer or None, got {max_prefill_tokens!r}")
         first = next(model.parameters())
+        self._was_training = model.training  # close() gives the model back in the mode it came in
+        self.closed = False
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch, self.max_seq_len, self.max_prefill_tokens = max_batch, max_seq_len, max_prefill_tokens
@@ -156,6 +160,7 @@ class Engine:
         number of adapters can be added; ``max_adapters`` of them are in the bank's slots at a time,
         and joining requests take the slots of the least recently used adapters that no running
         request uses (see `bank.py`). Requests already running are not affected."""
+        self._check_open()
         check_adapter_name(name)  # before any file is read: a bad name is refused as itself
         source = path.path if isinstance(path, AdapterFactors) else path
         prefix = load_prefix(source, hidden_size=model_hidden_size(self.model))  # refused before the bank changes
@@ -165,6 +170,7 @@ class Engine:
         self._install()
 
     def remove_adapter(self, name: str) -> None:
+        self._check_open()
         users = [r.id for r in (*self.running, *self.waiting) if r.adapter == name]
         if users:
             raise ValueError(f"adapter {name!r} is in use by requests {users}; cancel them or let them finish first")
@@ -175,7 +181,11 @@ class Engine:
         self.merged.keep_only(self.bank.modules)
 
     def close(self) -> nn.Module:
-        """Cancel every request, unwrap the model's layers and return the plain base model."""
+        """Cancel every request, unwrap the model's layers and return the plain base model, in the
+        train/eval mode it came in. The engine is done then: it refuses every later call (so nothing it
+        does can change the model any more); a second close() only returns the model."""
+        if self.closed:
+            return self.model
         for request in [*self.running, *self.waiting]:
             self.cancel(request)
         self.merged.use(None, self.bank)
@@ -186,7 +196,14 @@ class Engine:
         if self.graphs is not None:
             self.graphs.clear()
         self.model.config._attn_implementation = self._own_attention
+        self.model.train(self._was_training)
+        self.closed = True
         return self.model
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("this Engine is closed: it gave its model back with close(); make a new Engine "
+                               "to serve the model again")
 
     def _install(self) -> None:
         """Wrap exactly the layers the bank holds factors for; captured graphs read the old layers
@@ -206,13 +223,17 @@ class Engine:
         `step` on that has room for it; read its tokens from `stream`, or from the events of `step`.
         ``logprobs=k`` (0 to 20) gives every new token's log-probability and the k most likely
         tokens' (`request.TokenLogprob`, in each event and in ``request.logprobs``)."""
+        self._check_open()
         if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
                                      or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
             raise ValueError(f"logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS} (the top tokens to report "
                              f"beside each new one) or None, got {logprobs!r}")
         text_in = prompt_kind([prompt])
-        ids = self._encode(prompt) if text_in else [int(t) for t in prompt]
-        (request,) = self._requests([ids], [adapter], max_new_tokens, temperature, top_p, [seed], stop, ignore_eos)
+        ids = self._encode(prompt) if text_in else _token_ids(prompt, 0)
+        if adapter is not None and not isinstance(adapter, str):
+            raise TypeError(f"adapter must be one adapter's name or None (the base model), got {adapter!r}")
+        (request,) = self._requests([ids], [adapter], max_new_tokens, temperature, top_p, [check_seed(seed)], stop,
+                                    ignore_eos)
         request.top_logprobs = logprobs
         self.waiting.append(request)
         return request
@@ -220,6 +241,7 @@ class Engine:
     def step(self) -> list[Event]:
         """One token for every running request, and the first for those that join now: every
         request's event of this step (requests that end leave the batch, freeing their slots)."""
+        self._check_open()
         with torch.inference_mode():
             decoding = list(self.running)
             joining = self._admit()
@@ -288,8 +310,9 @@ class Engine:
         decoded text contains one: a string output is cut before it; an ids output keeps the tokens
         up to the one that completed it (a stop string need not end on a token boundary).
         """
+        self._check_open()
         text_in = prompt_kind(prompts)
-        ids = [self._encode(p) for p in prompts] if text_in else [list(map(int, p)) for p in prompts]
+        ids = [self._encode(p) for p in prompts] if text_in else [_token_ids(p, i) for i, p in enumerate(prompts)]
         adapters = self._check_adapters(adapters, len(prompts))
         requests = self._requests(ids, adapters, max_new_tokens, temperature, top_p, seeds_for(seed, len(prompts)),
                                   stop, ignore_eos)
@@ -309,14 +332,14 @@ class Engine:
                   top_p: float, seeds: list[int | None], stop, ignore_eos: bool) -> list[Request]:
         """Checked requests, none queued yet: a bad argument refuses them all."""
         self._check_adapters(adapters, len(ids))
-        # placeholders for an adapter's prefix embeddings (filled in at prefill): they count as prompt tokens
-        ids = [[self._pad_id()] * len(self.prefixes[a]) + list(p) if a in self.prefixes else p
-               for p, a in zip(ids, adapters)]
         stops = stop_strings(stop)
         if stops and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer to decode the outputs; make the Engine with one")
         params = SamplingParams(float(temperature), float(top_p))
-        self._check_lengths(ids, max_new_tokens)
+        n_prefix = [len(self.prefixes[a]) if a in self.prefixes else 0 for a in adapters]
+        self._check_lengths(ids, max_new_tokens, n_prefix)  # the prompts as given: an empty one is refused
+        # placeholders for an adapter's prefix embeddings (filled in at prefill): they count as prompt tokens
+        ids = [[self._pad_id()] * n + list(p) for p, n in zip(ids, n_prefix)]
         return [Request(p, a, params, None if params.greedy else self._generator(sd), max_new_tokens, bool(ignore_eos),
                         IncrementalText(self.tokenizer, stops) if self.tokenizer is not None else None)
                 for p, a, sd in zip(ids, adapters, seeds)]
@@ -329,13 +352,14 @@ class Engine:
         joining, width = [], 0
         while self.waiting and len(self.running) + len(joining) < self.max_batch:
             adapter = self.waiting[0].adapter
-            if adapter is not None and adapter not in names and len(names) == self.bank.max_adapters:
+            if adapter is not None and adapter not in names and len(names) >= self.bank.max_adapters:
                 break  # it waits for a bank slot, and the requests behind it wait their turn
             width = max(width, len(self.waiting[0].prompt))
             if joining and self.max_prefill_tokens is not None and width * (len(joining) + 1) > self.max_prefill_tokens:
                 break  # the next step's prefill takes it
             joining.append(self.waiting.popleft())
-            names.add(adapter)
+            if adapter is not None:  # base rows take no bank slot
+                names.add(adapter)
         if not joining:
             return []
         batch = self.running + joining
@@ -410,23 +434,27 @@ class Engine:
                            f"(load one with add_adapter(name, path))")
         return list(adapters)
 
-    def _check_lengths(self, prompts: list[list[int]], max_new_tokens: int) -> None:
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    def _check_lengths(self, prompts: list[list[int]], max_new_tokens: int, n_prefix: list[int]) -> None:
+        """``prompts`` as the caller gave them; ``n_prefix[i]``: the prefix embeddings that go in front of
+        prompt i (its adapter's), which count against the positions."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         config = self.model.config
         limit, vocab = getattr(config, "max_position_embeddings", None), getattr(config, "vocab_size", None)
-        for i, prompt in enumerate(prompts):
+        for i, (prompt, n) in enumerate(zip(prompts, n_prefix)):
             if not prompt:
                 raise ValueError(f"prompt {i} has no tokens; a causal LM needs at least one to start from")
             if vocab is not None and not all(0 <= t < vocab for t in prompt):
                 raise ValueError(f"prompt {i} has token ids outside this model's vocabulary [0, {vocab})")
             # The last new token is returned but never fed back, so it needs no position.
-            if limit is not None and len(prompt) + max_new_tokens - 1 > limit:
-                raise ValueError(f"prompt {i} has {len(prompt)} tokens; with max_new_tokens={max_new_tokens} it "
+            needed = n + len(prompt) + max_new_tokens - 1
+            tokens = f"{len(prompt)} tokens" + (f" (and {n} prefix embeddings of its adapter)" if n else "")
+            if limit is not None and needed > limit:
+                raise ValueError(f"prompt {i} has {tokens}; with max_new_tokens={max_new_tokens} it "
                                  f"needs more than the model's {limit} positions: shorten it or lower max_new_tokens")
-            if len(prompt) + max_new_tokens - 1 > self.max_seq_len:
-                raise ValueError(f"prompt {i} has {len(prompt)} tokens; with max_new_tokens={max_new_tokens} it needs "
-                                 f"{len(prompt) + max_new_tokens - 1} positions, over the engine's max_seq_len="
+            if needed > self.max_seq_len:
+                raise ValueError(f"prompt {i} has {tokens}; with max_new_tokens={max_new_tokens} it needs "
+                                 f"{needed} positions, over the engine's max_seq_len="
                                  f"{self.max_seq_len}: make the Engine with a larger max_seq_len, or lower "
                                  f"max_new_tokens")
 
@@ -457,6 +485,17 @@ def _check_plain(model: nn.Module) -> None:
                          "save the adapters, then engine.add_adapter(name, path)")
     if wrapped(model):
         raise ValueError("this model is already in use by an Engine; call that engine's close() first")
+
+
+def _token_ids(prompt, i: int) -> list[int]:
+    """Prompt ``i``'s ids as ints: integers only (Python's, numpy's, 0-d integer tensors), never a float
+    silently truncated."""
+    try:
+        return [operator.index(t) for t in prompt]
+    except TypeError:
+        bad = next(t for t in prompt if not hasattr(t, "__index__"))
+        raise TypeError(f"prompt {i} holds {bad!r} ({type(bad).__name__}); token-id prompts are lists of integer "
+                        f"ids") from None
 
 
 def _float_dtype(model: nn.Module) -> torch.dtype:

@@ -27,6 +27,7 @@ class SlotRoute:
 
     def __init__(self) -> None:
         self.token_slots: torch.Tensor | None = None  # (N·L,) int64, row-major over (N, L)
+        self.row_slots: torch.Tensor | None = None    # (N,): the slot of each row (all its tokens share it)
         self.dense: DenseRoute | None = None
 
     @contextlib.contextmanager
@@ -36,20 +37,39 @@ class SlotRoute:
         ``dense``: (bank slots, rank, dtype) for the dense op, else the reference op runs."""
         if slots.dim() != 1:
             raise ValueError(f"slots must be (N,), one bank slot per row; got shape {tuple(slots.shape)}")
+        self.row_slots = slots
         self.token_slots = slots if tokens_per_row == 1 else slots.repeat_interleave(tokens_per_row)  # (N·L,)
         if dense is not None:
             count, rank, dtype = dense
-            self.dense = DenseRoute(rank, slot_columns_mask(self.token_slots, count, rank, dtype))
+            self.dense = DenseRoute(rank, slot_columns_mask(self.token_slots, count, rank, dtype), count, dtype)
         try:
             yield
         finally:
-            self.token_slots, self.dense = None, None
+            self.token_slots, self.row_slots, self.dense = None, None, None
+
+    def for_input(self, x: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(token slots (T,), dense mask (T, rank·slots) or None) for a layer input ``x`` (..., d_in).
+        Usually x has every routed token; the output head may see fewer, the last L' < L positions
+        of each row (``logits_to_keep``): x is then (N, L', d_in), and each row keeps its slot."""
+        tokens = x.numel() // x.shape[-1]
+        if tokens == self.token_slots.shape[0]:
+            return self.token_slots, self.dense.mask if self.dense is not None else None
+        rows = self.row_slots.shape[0]
+        if x.dim() != 3 or x.shape[0] != rows or tokens > self.token_slots.shape[0]:
+            raise ValueError(f"{name}: the route has {self.token_slots.shape[0]} tokens in {rows} rows but this "
+                             f"layer's input has shape {tuple(x.shape)}; route as many rows and tokens as the "
+                             f"batch has")
+        slots = self.row_slots.repeat_interleave(x.shape[1])                                # (N·L',)
+        d = self.dense
+        return slots, slot_columns_mask(slots, d.slots, d.rank, d.dtype) if d is not None else None
 
 
 @dataclass(frozen=True)
 class DenseRoute:
     rank: int            # components 0..rank-1 of every slot (at least every loaded adapter's rank)
     mask: torch.Tensor   # (N·L, rank·slots), `ops.slot_columns_mask`
+    slots: int           # the bank's slots
+    dtype: torch.dtype   # the mask's
 
 
 class BankedLinear(nn.Module):
@@ -63,22 +83,19 @@ class BankedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        slots = self.route.token_slots
-        if slots is None:
+        if self.route.token_slots is None:
             return out
-        if slots.shape[0] * x.shape[-1] != x.numel():
-            raise ValueError(f"{self.factors.name}: the route has {slots.shape[0]} tokens but this layer's input "
-                             f"has shape {tuple(x.shape)}; route as many rows and tokens as the batch has")
+        slots, mask = self.route.for_input(x, self.factors.name)
         f, dense = self.factors, self.route.dense
         if dense is not None:
             A_flat, B_flat = f.flat(dense.rank)
             x2d = x.reshape(-1, x.shape[-1]).to(A_flat.dtype)
             if out.dtype == A_flat.dtype and out.is_contiguous():
                 # the expand GEMM accumulates onto the base output in its buffer: no (T, d_out) delta, no add
-                low = (x2d @ A_flat.t()).mul_(dense.mask)                            # (T, r·S)
+                low = (x2d @ A_flat.t()).mul_(mask)                                  # (T, r·S)
                 out.view(-1, out.shape[-1]).addmm_(low, B_flat.t())
                 return out
-            delta = segmented_lora_dense(x2d, A_flat, B_flat, dense.mask).view(*x.shape[:-1], -1)
+            delta = segmented_lora_dense(x2d, A_flat, B_flat, mask).view(*x.shape[:-1], -1)
         else:
             r = f.widest_rank  # the columns past every slot's rank are zero padding: leave them out
             delta = segmented_lora(x.to(f.A.dtype), f.A[:, :r], f.B[:, :, :r], slots)

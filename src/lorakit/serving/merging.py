@@ -29,13 +29,17 @@ class MergedWeights:
         self.switches = 0  # merges and unmerges done, for the engine's statistics
         self._pristine: dict[str, torch.Tensor] = {}  # module name -> W0, on the CPU
         self._changed: list[str] = []  # the modules the merged adapter wrote
+        # modules whose weight is also another module's (tied embeddings: lm_head and embed_tokens); a merge
+        # there would change the other one too, so an adapter that targets one runs unmerged
+        self.tied = tied_modules(model)
 
     def use(self, name: str | None, bank: AdapterBank) -> None:
-        """Make ``name`` the merged adapter (None: none); a no-op when it already is."""
+        """Make ``name`` the merged adapter (None: none); a no-op when it already is. An adapter that
+        adapts a tied weight is never merged (``name`` stays None: its rows are routed unmerged)."""
         if name == self.name:
             return
         self.restore()
-        if name is not None:
+        if name is not None and self.tied.isdisjoint(bank.entries[name].factors.modules):
             self._merge(name, bank)
 
     def restore(self) -> None:
@@ -70,3 +74,14 @@ class MergedWeights:
                 weight.copy_((w0 + delta.to(weight.device)).to(weight.dtype))
                 self._changed.append(module_name)
         self.name, self.switches = name, self.switches + 1
+
+
+def tied_modules(model: nn.Module) -> set[str]:
+    """Names of the modules whose ``weight`` shares its storage with another parameter of ``model``."""
+    owners: dict[tuple, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p.device.type != "meta":
+            key = (p.device, p.untyped_storage().data_ptr())
+            owners.setdefault(key, []).append(name)
+    return {n.removesuffix(".weight") for names in owners.values() if len(names) > 1
+            for n in names if n.endswith(".weight")}

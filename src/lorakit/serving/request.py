@@ -4,6 +4,7 @@ reports about it (`Event`)."""
 from __future__ import annotations
 
 import itertools
+import operator
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -103,12 +104,23 @@ def stop_strings(stop: str | Sequence[str] | None) -> list[str]:
 
 
 def seeds_for(seed, n: int) -> list[int | None]:
-    if seed is None or isinstance(seed, int):
-        return [seed] * n
-    seeds = list(seed)
+    """One seed (an integer, numpy's too, or None) per prompt, from one for all or a list of n."""
+    if seed is None or hasattr(seed, "__index__"):
+        return [check_seed(seed)] * n
+    if isinstance(seed, (str, bytes)) or not hasattr(seed, "__iter__"):
+        raise TypeError(f"seed must be an integer, None, or one of them per prompt, got {seed!r}")
+    seeds = [check_seed(s) for s in seed]
     if len(seeds) != n:
         raise ValueError(f"seed must be an int or one seed per prompt ({n}), got {len(seeds)} seeds")
     return seeds
+
+
+def check_seed(seed) -> int | None:
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not hasattr(seed, "__index__"):
+        raise TypeError(f"a seed must be an integer or None, got {seed!r}")
+    return operator.index(seed)
 
 
 def token_logprobs(logits: torch.Tensor, chosen: torch.Tensor, chosen_ids: list[int],

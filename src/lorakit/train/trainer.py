@@ -31,6 +31,7 @@ from lorakit.config import init_from_weight
 from lorakit.hints import Setting
 from lorakit.inject import lora_state
 from lorakit.prefix import PrefixEmbedding, prefix_batch
+from lorakit.quantize import model_bytes
 
 from . import distributed
 from .checkpoint import (ResumeError, capture_rng, check_fingerprint, find_checkpoint, load_checkpoint,
@@ -138,13 +139,26 @@ def _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter
         fingerprint["n_prefix"] = prefix.n_prefix
     if config.optimizer != "adamw":  # likewise: checkpoints from before the option trained with AdamW
         fingerprint["optimizer"] = config.optimizer
+    data_hash = _data_hash(train_batches)  # the tokens themselves: another file, --seq-len, --chat-template
+    if data_hash is not None:
+        fingerprint["data"] = data_hash
 
     # --- a new run, or the continuation of one ----------------------------------------------
     step, tokens, best_loss, best_step, since_best, window = 0, 0, None, None, 0, [0.0, 0]
     stopped = False
+    if resume and config.overwrite:
+        raise ResumeError(Setting("resume", True), " continues the run in ", Setting("out_dir"), " and ",
+                          Setting("overwrite", True), " replaces it with a new one: choose one of them")
     if resume:
         ckpt = load_checkpoint(paths["checkpoint"])
+        if "data" not in ckpt.state["fingerprint"]:  # written before the data was fingerprinted
+            fingerprint.pop("data", None)
         check_fingerprint(ckpt.state["fingerprint"], fingerprint, ckpt.path)
+        if ckpt.state["step"] > total_steps:
+            raise ResumeError(f"{ckpt.path} is at step {ckpt.state['step']}, past the {total_steps} steps this run "
+                              "asks for, so its adapter cannot be that of this run; resume with ",
+                              Setting("max_steps"), f" >= {ckpt.state['step']}, or start afresh with ",
+                              Setting("overwrite", True))
         with torch.no_grad():  # before sharding: every rank holds the whole adapter
             for n, p in named:
                 p.copy_(ckpt.params[n])
@@ -185,7 +199,7 @@ def _train(model, train_batches, config, eval_batches, eval_fn, loss_fn, adapter
                 "n_prefix": prefix.n_prefix if prefix is not None else 0,
                 "trainable_fraction": n_trainable / max(n_total, 1),
                 "adapter_bytes": sum(p.numel() * p.element_size() for p in params),
-                "model_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+                "model_bytes": model_bytes(model),  # a 4-bit base's scales and code books too
                 "total_steps": total_steps, "world_size": d.world_size, "device": str(device),
                 "precision": "bf16 autocast" if bf16 else "float32", "compiled": compiled, "torch": torch.__version__,
                 "lorakit": _lorakit_version(), "resumed_from_step": step if resume else None}
@@ -443,6 +457,32 @@ def _epoch(train_batches: Any, per_epoch: int | None) -> float | None:
     if per_epoch and hasattr(train_batches, "epoch"):
         return round(train_batches.epoch + train_batches.index / per_epoch, 4)
     return None
+
+
+def _data_hash(train_batches: Any) -> str | None:
+    """A digest of the tokenized training examples (their keys and integer values), or None when
+    the examples are not dicts of token lists/tensors. A resumed run must see the same tokens: the
+    same file, read with the same --seq-len, --chat-template and tokenizer."""
+    examples = getattr(train_batches, "examples", None)
+    if not examples:
+        return None
+    digest = hashlib.sha256()
+    for ex in examples:
+        if not isinstance(ex, Mapping):
+            return None
+        for key in sorted(ex):
+            value = ex[key]
+            if isinstance(value, torch.Tensor):
+                value = value.detach().cpu().numpy()
+            try:
+                array = np.asarray(value)
+            except (TypeError, ValueError):
+                return None
+            if array.dtype.kind not in "iub":
+                return None
+            digest.update(f"{key}:{array.shape}".encode())
+            digest.update(array.astype(np.int64).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _batches_state(train_batches: Any) -> dict[str, Any] | None:
