@@ -261,3 +261,14 @@ def test_adapter_file_instead_of_folder_suggests_the_folder(adapter_dir, model_d
     assert main(["generate", "--model", str(model_dir), "--adapter", str(file), "--prompt", "hi"]) == 2
     message = _error(capsys)
     assert "is a file, not an adapter directory" in message and "no such" not in message
+
+
+def test_log_every_sets_the_metrics_rows(model_dir, e2e_file, tmp_path, capsys):
+    from lorakit.train import read_metrics
+
+    out = tmp_path / "run"
+    assert main(train_args(model_dir, e2e_file, out, "--steps", "3", "--log-every", "1")) == 0
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r] == [1, 2, 3]
+    capsys.readouterr()
+    assert main(train_args(model_dir, e2e_file, tmp_path / "other", "--steps", "3", "--log-every", "0")) == 2
+    assert "--log-every must be >= 1" in _error(capsys)

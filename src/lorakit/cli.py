@@ -113,6 +113,8 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=positive_int, default=256,
                    help="longest example in tokens; a longer one loses prompt tokens from its start first")
     p.add_argument("--eval-every", type=int, default=100, help="steps between evaluations on the held-out data")
+    p.add_argument("--log-every", type=int, default=10,
+                   help="steps per metrics.jsonl row and loss.png point (the loss is their mean)")
     p.add_argument("--save-every", type=int, default=100,
                    help="steps between resumable checkpoints (one is also written at the end)")
     p.add_argument("--seed", type=int, default=0, help="seed of the run's random numbers (data order, dropout, "

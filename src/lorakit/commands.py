@@ -98,7 +98,7 @@ def train(args: argparse.Namespace) -> None:
     config = TrainConfig(lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup,
                          schedule=args.schedule, label_smoothing=args.label_smoothing, epochs=args.epochs,
                          max_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                         eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
+                         eval_every=args.eval_every, save_every=args.save_every, log_every=args.log_every, seed=args.seed,
                          out_dir=args.out, overwrite=args.overwrite, device=args.device,
                          fsdp=args.fsdp, compile=args.compile,
                          loraplus_ratio=args.loraplus_ratio, optimizer=args.optimizer)
