@@ -147,3 +147,30 @@ def test_token_ids_seeds_and_counts_must_be_integers() -> None:
     request = engine.submit([1, 2], seed=np.int32(7), **kw)
     list(engine.stream(request))
     assert request.tokens == ints[0]
+
+
+# --- where a completion ends --------------------------------------------------------------------
+
+def test_every_end_id_of_the_generation_config_ends_a_completion():
+    """Chat models (Llama-3) end a turn with another id than the tokenizer's EOS, named in
+    generation_config.eos_token_id: the engine and generate_ids stop there, as transformers does."""
+    from types import SimpleNamespace
+
+    from lorakit.generate import end_ids, generate_ids
+
+    model = tiny_llama()
+    model.generation_config = GenerationConfig(eos_token_id=None)
+    prompt = [5, 17, 42, 8]
+    free = generate_ids(model, [prompt], max_new_tokens=6, eos_token_id=None, pad_token_id=0, progress=False)[0]
+    second = free[1]  # the greedy run's second token becomes an end id
+    assert free[0] != second
+    model.generation_config = GenerationConfig(eos_token_id=[99, second])
+    tokenizer = SimpleNamespace(eos_token_id=99, pad_token_id=0)
+    assert end_ids(model, tokenizer) == [99, second]
+    assert generate_ids(model, [prompt], max_new_tokens=6, eos_token_id=end_ids(model, tokenizer), pad_token_id=0,
+                        progress=False)[0] == free[:1]
+    engine = Engine(model, None, max_batch=2)
+    try:
+        assert engine.generate([prompt], max_new_tokens=6) == [free[:1]]
+    finally:
+        engine.close()

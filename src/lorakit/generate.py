@@ -42,7 +42,7 @@ def generate_ids(
     num_beams: int = 1,
     length_penalty: float = 1.0,
     no_repeat_ngram_size: int = 0,
-    eos_token_id: int | None,
+    eos_token_id: int | Sequence[int] | None,
     pad_token_id: int | None,
     batch_size: int = 16,
     progress: bool = True,
@@ -53,7 +53,7 @@ def generate_ids(
     Greedy when `num_beams == 1`, else beam search that stops as soon as `num_beams` finished
     hypotheses exist (`early_stopping=True`); `length_penalty` only matters for beams, and
     `no_repeat_ngram_size` counts the prompt's n-grams too (as transformers does). Each output
-    stops before the first `eos_token_id` and holds no padding. `pad_token_id` only fills masked
+    stops before the first `eos_token_id` (one id, or several: any of them) and holds no padding. `pad_token_id` only fills masked
     places, so any id will do (None: eos, else 0).
 
     Every prompt must fit with its new tokens in the model's positions (`max_position_embeddings`);
@@ -68,9 +68,10 @@ def generate_ids(
     """
     n_prefix = prefix.n_prefix if prefix is not None else 0
     _check(model, prompts, max_new_tokens, num_beams, no_repeat_ngram_size, batch_size, n_prefix)
-    pad = pad_token_id if pad_token_id is not None else eos_token_id if eos_token_id is not None else 0
+    ends = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    pad = pad_token_id if pad_token_id is not None else ends[0] if ends else 0
     config = _generation_config(max_new_tokens, num_beams, length_penalty, no_repeat_ngram_size,
-                                eos_token_id, pad)
+                                ends or None, pad)
     device = _device(model)
     # Longest first: a batch that runs out of memory does so at once, not at the end of a long run.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
@@ -88,7 +89,7 @@ def generate_ids(
                                  generation_config=config, **embeds)
             new = out[:, input_ids.shape[1]:].tolist()  # (batch, ≤ max_new_tokens): prompt dropped
             for i, tokens in zip(batch, new):
-                results[i] = _until_eos(tokens, eos_token_id)
+                results[i] = _until_eos(tokens, ends)
     return results
 
 
@@ -104,13 +105,13 @@ def generate_text(
     """Generate a completion for each prompt string; `kw` goes to `generate_ids`.
 
     `chat_template` and `separator` must be what training used (`tokenize_example`): the model
-    learned to continue exactly that token sequence. The tokenizer's eos and pad ids are used
-    unless `kw` names others. Special tokens are dropped from the text and whitespace is stripped.
+    learned to continue exactly that token sequence. Generation ends at the ids of `end_ids` and
+    pads with the tokenizer's pad id, unless `kw` names others. Special tokens are dropped from the text and whitespace is stripped.
     """
     if not prompts:
         raise ValueError("no prompts to generate from; pass at least one prompt")
     ids = [encode_prompt(p, tokenizer, chat_template=chat_template, separator=separator) for p in prompts]
-    kw.setdefault("eos_token_id", tokenizer.eos_token_id)
+    kw.setdefault("eos_token_id", end_ids(model, tokenizer) or None)
     kw.setdefault("pad_token_id", tokenizer.pad_token_id)
     new = generate_ids(model, ids, **kw)
     return [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in new]
@@ -183,9 +184,24 @@ def _left_pad(prompts: list[Sequence[int]], pad: int,
     return input_ids.to(device), attention_mask.to(device)
 
 
-def _until_eos(tokens: list[int], eos: int | None) -> list[int]:
-    """Cut at the first eos: after it, `generate` only pads the row to the batch's longest."""
-    return tokens[:tokens.index(eos)] if eos is not None and eos in tokens else tokens
+def _until_eos(tokens: list[int], ends: Sequence[int]) -> list[int]:
+    """Cut at the first end id: after it, `generate` only pads the row to the batch's longest."""
+    cut = next((i for i, t in enumerate(tokens) if t in ends), len(tokens))
+    return tokens[:cut]
+
+
+def end_ids(model: Any, tokenizer: Any) -> list[int]:
+    """The ids that end a completion: the tokenizer's EOS (what training appends to every
+    completion) and every id the model's generation config names (chat models such as Llama-3
+    end a turn with another token), where transformers' generate stops too. The first is the
+    tokenizer's."""
+    ids: list[int] = []
+    named = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for source in (getattr(tokenizer, "eos_token_id", None), named):
+        for i in [source] if isinstance(source, int) else list(source or []):
+            if i not in ids:
+                ids.append(int(i))
+    return ids
 
 
 def _device(model: torch.nn.Module) -> torch.device:

@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from ..data import encode_prompt
+from ..generate import end_ids
 from ..inject import lora_modules
 from ..io import check_adapter_name
 from ..prefix import load_prefix, model_hidden_size
@@ -464,8 +465,13 @@ class Engine:
         return torch.Generator(device=self.device).manual_seed(int(seed))
 
     def _eos_ids(self) -> set[int]:
-        eos = self.tokenizer.eos_token_id if self.tokenizer is not None else self.model.config.eos_token_id
-        return set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+        """Where a request ends: `generate.end_ids` (the tokenizer's EOS and the generation config's);
+        without a tokenizer, the model config's EOS stands in for the tokenizer's."""
+        ids = set(end_ids(self.model, self.tokenizer))
+        if self.tokenizer is None:
+            eos = self.model.config.eos_token_id
+            ids |= set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+        return ids
 
     def _pad_id(self) -> int:  # any id does: padded places are masked
         pad = getattr(self.tokenizer, "pad_token_id", None)
