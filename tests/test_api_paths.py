@@ -17,6 +17,8 @@ import torch
 import lorakit
 from lorakit.inject import lora_modules
 
+import conftest
+
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
@@ -32,11 +34,7 @@ IDS = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(5)
 
 
 def tiny_llama(tied: bool = False) -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                      tie_word_embeddings=tied)
-    return transformers.LlamaForCausalLM(config).double().eval()
+    return conftest.tiny_llama(tied=tied).double().eval()
 
 
 def tiny_t5() -> torch.nn.Module:
@@ -233,36 +231,22 @@ def test_modules_to_save_on_an_adapted_module_names_the_adapter() -> None:
 def test_model_code_reads_an_adapted_modules_weight_and_bias(tmp_path):
     """T5's feed-forward reads `self.wo.weight.dtype`: an adapted wo must answer with the base
     layer's weight, and the model then computes what PEFT computes."""
-    from conftest import randomize_adapters
-
-    config = transformers.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=2,
-                                   decoder_start_token_id=0)
-
-    def t5():
-        torch.manual_seed(0)
-        return transformers.T5ForConditionalGeneration(config).double().eval()
-
-    model = lorakit.inject(t5(), lorakit.LoraConfig(r=2, alpha=4, target_modules=["wo", "wi"]), dtype=torch.float64)
-    randomize_adapters(model, seed=3, std=0.3)
+    model = lorakit.inject(tiny_t5(), lorakit.LoraConfig(r=2, alpha=4, target_modules=["wo", "wi"]),
+                           dtype=torch.float64)
+    randomize(model, seed=3)
     layer = model.get_submodule("encoder.block.0.layer.1.DenseReluDense.wo")
     assert layer.weight is layer.base_layer.weight and layer.bias is None
-    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ours = model(input_ids=ids, decoder_input_ids=ids).logits
+    ours = logits(model)
     lorakit.save_adapter(model, tmp_path)
-    reference = peft.PeftModel.from_pretrained(t5(), tmp_path).eval()
-    with torch.no_grad():
-        theirs = reference(input_ids=ids, decoder_input_ids=ids).logits
-    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
+    reference = peft.PeftModel.from_pretrained(tiny_t5(), tmp_path).eval()
+    torch.testing.assert_close(ours, logits(reference), rtol=1e-10, atol=1e-10)
 
 
 def test_an_adapter_of_another_model_says_so(tmp_path):
-    from conftest import tiny_gpt2, tiny_llama as llama
-
-    gpt2 = lorakit.inject(tiny_gpt2(), lorakit.LoraConfig(r=2, target_modules=["c_attn"]))
+    gpt2 = lorakit.inject(conftest.tiny_gpt2(), lorakit.LoraConfig(r=2, target_modules=["c_attn"]))
     lorakit.save_adapter(gpt2, tmp_path, base_model_name_or_path="gpt2-tiny")
     with pytest.raises(lorakit.io.AdapterFileError) as e:
-        lorakit.load_adapter(llama(), tmp_path)
+        lorakit.load_adapter(tiny_llama(), tmp_path)
     message = str(e.value)
     assert "['c_attn'] match no module of this LlamaForCausalLM" in message and "'gpt2-tiny'" in message
     assert "missing_targets" not in message

@@ -81,8 +81,7 @@ def merge(model: nn.Module, *, safe: bool = True) -> None:
         pending = [n for n in layer.active_adapters if n not in layer.merged_adapters]
         if pending and isinstance(layer, LoraQuantizedLinear):
             raise MergeError(layer.merge_refusal(pending[0]))
-    why = tied_weight_refusal(model, [(layer, [n for n in layer.active_adapters if n not in layer.merged_adapters])
-                                      for layer in layers])
+    why = tied_weight_refusal(model, layers)
     if why is not None:  # so is a weight another module shares (tied embeddings)
         raise MergeError(why)
     if safe:  # check every layer first, so a bad adapter leaves no layer half-merged

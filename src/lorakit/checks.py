@@ -6,7 +6,7 @@ before merge or unload(merge=True) touches a weight)."""
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping
 
 from torch import nn
 
@@ -55,13 +55,14 @@ def check_ranks(config: LoraConfig, layers: Mapping[str, LoraLayer]) -> None:
                       Setting("target_modules"))
 
 
-def tied_weight_refusal(model: nn.Module, layers: Sequence[tuple[LoraLayer, Sequence[str]]]) -> str | None:
-    """Why merging would be wrong, or None: for (layer, adapters to merge there) pairs, a base weight
+def tied_weight_refusal(model: nn.Module, layers: Iterable[LoraLayer]) -> str | None:
+    """Why merging the active, unmerged adapters of ``layers`` would be wrong, or None: a base weight
     that the model also uses elsewhere (tied weights: lm_head = embed_tokens under
     ``tie_word_embeddings``; a module reachable by a second path). Merging writes ΔW into that
     shared tensor, so the other user would compute with it too, while the unmerged adapter adds ΔW
     at this layer only: the merged model would not compute what the adapted model does."""
-    pending = [(layer, names) for layer, names in layers if names and not isinstance(layer, LoraQuantizedLinear)]
+    pending = [(layer, names) for layer in layers if not isinstance(layer, LoraQuantizedLinear)
+               for names in [[n for n in layer.active_adapters if n not in layer.merged_adapters]] if names]
     if not pending:
         return None
     # id(weight) -> (path, the LoRA layer whose base holds it there, or None) for every path it is used under

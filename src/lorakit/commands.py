@@ -440,7 +440,7 @@ def analyze(args: argparse.Namespace) -> None:
 
 def serve(args: argparse.Namespace) -> None:
     """`lorakit serve`: the base model and the --adapter adapters behind the OpenAI API."""
-    from .serving.server import LOOPBACK, ServerOptions, run
+    from .serving.server import LOOPBACK, ServerOptions, check_api_key, check_port, run
 
     try:
         import starlette  # noqa: F401
@@ -464,11 +464,8 @@ def serve(args: argparse.Namespace) -> None:
                                ("--max-body-bytes", args.max_body_bytes, 1), ("--port", args.port, 0)):
         if value < least:
             raise ValueError(f"{flag} {value}: must be at least {least}")
-    if args.port > 65535:
-        raise ValueError(f"--port {args.port}: a TCP port is a number from 0 to 65535")
-    if args.api_key is not None and not args.api_key.strip():
-        raise ValueError("--api-key is empty, which would switch authentication off without a word: give a key, "
-                         "or leave --api-key out to serve without one")
+    check_port(args.port)  # before the model loads
+    check_api_key(args.api_key)
     check_device(args.device)
     if args.adapter_dir is not None and not Path(args.adapter_dir).is_dir():
         raise FileNotFoundError(f"--adapter-dir {args.adapter_dir}: no such folder; create it or give another")

@@ -365,8 +365,7 @@ def unload(model: nn.Module, merge: bool = True, *, dense_dtype: torch.dtype | N
     """
     state = lora_state(model)
     if merge:
-        why = tied_weight_refusal(model, [(m, [a for a in m.active_adapters if a not in m.merged_adapters])
-                                          for _, m in lora_modules(model) if isinstance(m, LoraLayer)])
+        why = tied_weight_refusal(model, [m for _, m in lora_modules(model) if isinstance(m, LoraLayer)])
         if why is not None:
             raise MergeError(why)
     if merge and dense_dtype is None and any(isinstance(m, LoraQuantizedLinear) for _, m in lora_modules(model)):

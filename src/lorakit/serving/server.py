@@ -84,15 +84,8 @@ class Server:
                              f"give the base another served_model_name or rename the adapter")
         if options.adapter_dir is not None and not Path(options.adapter_dir).is_dir():
             raise FileNotFoundError(f"adapter_dir {options.adapter_dir}: no such folder; create it or give another")
-        key = options.api_key  # never shown in a message: it is a secret
-        if key is not None and not isinstance(key, str):
-            raise ValueError(f"api_key must be a string or None, got a {type(key).__name__}")
-        if key is not None and not key.strip():
-            raise ValueError("--api-key is empty, which would switch authentication off without a word: give a key, "
-                             "or leave --api-key out to serve without one")
-        if key is not None and key != key.strip():
-            raise ValueError("--api-key starts or ends with spaces, which no client's Authorization header can "
-                             "match: remove them")
+        key = options.api_key
+        check_api_key(key)
         interval = options.gil_switch_interval
         if interval is not None and not (isinstance(interval, (int, float)) and 0 < interval <= 1):
             raise ValueError(f"gil_switch_interval must be a number of seconds in (0, 1] or None, got {interval!r}")
@@ -379,6 +372,23 @@ def make_app(engine: Engine, options: ServerOptions | None = None) -> Starlette:
     return Server(engine, options or ServerOptions()).app()
 
 
+def check_api_key(key: str | None) -> None:
+    """Refuse an API key that would not do what the operator meant (never shown: it is a secret)."""
+    if key is not None and not isinstance(key, str):
+        raise ValueError(f"api_key must be a string or None, got a {type(key).__name__}")
+    if key is not None and not key.strip():
+        raise ValueError("--api-key is empty, which would switch authentication off without a word: give a key, "
+                         "or leave --api-key out to serve without one")
+    if key is not None and key != key.strip():
+        raise ValueError("--api-key starts or ends with spaces, which no client's Authorization header can "
+                         "match: remove them")
+
+
+def check_port(port: int) -> None:
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"--port {port}: a TCP port is a number from 0 to 65535")
+
+
 def make_server(engine: Engine, options: ServerOptions | None = None, *, host: str = "127.0.0.1", port: int = 8000,
                 shutdown_timeout: float = 10.0, log_level: str = "info"):
     """The uvicorn server that `run` runs (``.run()`` blocks; ``.should_exit = True`` is what SIGTERM
@@ -389,8 +399,7 @@ def make_server(engine: Engine, options: ServerOptions | None = None, *, host: s
     plain-text 500 and cut a stream mid-way.)"""
     import uvicorn
 
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-        raise ValueError(f"--port {port}: a TCP port is a number from 0 to 65535")
+    check_port(port)
     served = Server(engine, options or ServerOptions())
 
     class GracefulServer(uvicorn.Server):
