@@ -375,12 +375,46 @@ def test_decode_attention_equals_repeated_kv_attention_in_float64(heads: int, kv
     torch.testing.assert_close(got, want.transpose(1, 2), rtol=1e-12, atol=1e-12)
 
 
+def bf16_decode_case(device: str = "cpu", width: int = 2048):
+    """A long bf16 window whose scores are large, so rounding them to bf16 moves the softmax."""
+    g = torch.Generator(device=device).manual_seed(1)
+    n, heads, kv, d = 4, 8, 2, 64
+    query = (3 * torch.randn(n, heads, 1, d, generator=g, device=device)).bfloat16()
+    key = torch.randn(n, kv, width, d, generator=g, device=device).bfloat16()
+    value = torch.randn(n, kv, width, d, generator=g, device=device).bfloat16()
+    return query, key, value, d ** -0.5
+
+
+def float64_decode(query, key, value, scaling):
+    rep = query.shape[1] // key.shape[1]
+    k, v = (t.double().repeat_interleave(rep, 1) for t in (key, value))
+    probs = torch.softmax(query.double() @ k.transpose(-1, -2) * scaling, dim=-1)
+    return (probs @ v).transpose(1, 2)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_behind_sdpa_bf16_scores_stay_float32_as_sdpa_keeps_them(device: str) -> None:
+    from lorakit.serving.attention import decode_attention
+
+    query, key, value, scaling = bf16_decode_case(device)
+    want = float64_decode(query, key, value, scaling)
+    exact = decode_attention(query, key, value, None, scaling, float_scores=True)
+    rounded = decode_attention(query, key, value, None, scaling)
+    err = lambda out: (out.double() - want).abs().max().item()
+    assert exact.dtype == torch.bfloat16 and exact.shape == (4, 1, 8, 64)
+    assert err(exact) < 0.5 * err(rounded), (err(exact), err(rounded))
+    if device == "cuda":  # within bf16 rounding of the output of torch's own SDPA
+        sdpa = torch.nn.functional.scaled_dot_product_attention(query, key, value, enable_gqa=True).transpose(1, 2)
+        assert err(exact) <= 1.5 * err(sdpa) + 1e-3, (err(exact), err(sdpa))
+
+
 def test_the_engine_decodes_through_its_slot_attention_and_gives_the_model_its_own_back(paths, monkeypatch) -> None:
     from lorakit.serving import attention
 
     calls = []
     original = attention.decode_attention
-    monkeypatch.setattr(attention, "decode_attention", lambda *a: calls.append(a[1].shape) or original(*a))
+    monkeypatch.setattr(attention, "decode_attention", lambda *a, **k: calls.append(a[1].shape) or original(*a, **k))
     model = tiny_llama()
     own = model.config._attn_implementation
     engine = Engine(model, None, max_batch=2)

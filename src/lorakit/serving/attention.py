@@ -12,7 +12,11 @@ against that head's keys, so the cache's keys and values are read once, as views
     scores = q (n, kv, g, d) @ Kᵀ (n, kv, d, W)  ->  (n, kv, g, W), scaled, + mask, softmax in float32
     out    = probs (n, kv, g, W) @ V (n, kv, W, d)  ->  (n, kv, g, d)  =  (n, 1, heads, d)
 
-which is eager attention's arithmetic (matmul in the cache dtype, softmax in float32). Prefill
+with the softmax in float32. The scores keep the precision of the attention the model was loaded
+with: behind eager attention they are rounded to the cache dtype (its matmul's output), behind SDPA
+they stay float32, as SDPA's kernels keep them (for a bf16 cache: `torch.bmm(..., out_dtype=float32)`
+on CUDA, float32 operands elsewhere). Rounding them to bf16 moves a 2,000-position softmax enough
+to flip near-tied greedy tokens against transformers' own decode. Prefill
 (more than one query per row), dropout, sliding windows, soft-capping and sinks go to the
 attention the model was loaded with. The engine selects this by the names below, through
 transformers' attention registry, for the time it owns the model (`Engine.close` puts the
@@ -41,15 +45,28 @@ def _fallback(original: str, module):
     return eager
 
 
+def _scores(q: torch.Tensor, key: torch.Tensor, acc: torch.dtype, exact: bool) -> torch.Tensor:
+    """q (n, kv, g, d) @ keyᵀ (n, kv, d, W) -> (n, kv, g, W) in `acc`; rounded to q's dtype first
+    unless `exact`."""
+    if not exact or q.dtype == acc:
+        return torch.matmul(q, key.transpose(-1, -2)).to(acc)
+    n, kv, g, d = q.shape
+    if q.is_cuda:  # one GEMM that writes float32 (no kernel for it on other devices)
+        scores = torch.bmm(q.reshape(n * kv, g, d), key.reshape(n * kv, -1, d).transpose(1, 2), out_dtype=acc)
+        return scores.reshape(n, kv, g, -1)
+    return torch.matmul(q.to(acc), key.to(acc).transpose(-1, -2))
+
+
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-                     scaling: float) -> torch.Tensor:
+                     scaling: float, float_scores: bool = False) -> torch.Tensor:
     """Attention of one query per row: query (n, heads, 1, d), key and value (n, kv, W, d) (views of
-    the cache are fine), mask additive and broadcastable to (n, 1, 1, W) or None. (n, 1, heads, d)."""
+    the cache are fine), mask additive and broadcastable to (n, 1, 1, W) or None. (n, 1, heads, d).
+    `float_scores`: q·kᵀ kept in float32 for 16-bit inputs (as SDPA does) instead of rounded."""
     n, heads, _, d = query.shape
     kv = key.shape[1]
     q = query.reshape(n, kv, heads // kv, d)                                   # head h -> KV head h // g
     acc = torch.promote_types(query.dtype, torch.float32)                     # the softmax's dtype
-    scores = torch.matmul(q, key.transpose(-1, -2)).to(acc) * scaling         # (n, kv, g, W)
+    scores = _scores(q, key, acc, float_scores) * scaling                     # (n, kv, g, W)
     if mask is not None:
         scores = scores + mask.reshape(n, 1, 1, -1).to(acc)
     probs = torch.softmax(scores, dim=-1).to(value.dtype)
@@ -65,7 +82,7 @@ def _make(original: str):
             return _fallback(original, module)(module, query, key, value, attention_mask, scaling=scaling,
                                                 dropout=dropout, **kwargs)
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        return decode_attention(query, key, value, attention_mask, scale), None
+        return decode_attention(query, key, value, attention_mask, scale, float_scores=original == "sdpa"), None
 
     return slot_attention
 
