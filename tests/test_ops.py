@@ -14,7 +14,12 @@ from lorakit.ops.lora_linear import _EagerLoraLinear, _keep_mask, draw_seed
 from lorakit.ops.reference import lora_delta
 
 op = torch.ops.lorakit.lora_linear
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # relative to the float64 values' scale
+# relative to the float64 values' scale. bf16: the tests draw fresh operands every run (os.urandom); over
+# 2,000 draws of the SwiGLU op's check (bf16 inputs rounded, fp32 accumulation, bf16 output) the tolerance
+# each draw needed was 0.0049 at the median, 0.0128 at the 99.9th percentile and 0.0162 at worst, so 1e-2
+# failed about one run in 150 (seen on the H200 host's CPU). An error in the math (a missed term, a wrong
+# scaling or dropout mask) is of the order of the adapter's own output, far above 2.5e-2.
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2.5e-2}
 
 
 def eager_twin(x, W, b, As, Bs, scalings, route, p, seed):
